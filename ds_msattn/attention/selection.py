@@ -1,0 +1,146 @@
+"""Region summaries, scores and the select-and-merge rule of MS attention (DESIGN.md).
+
+Everything here is vectorised and shared by every fast backend (torch and Triton), so that they
+attend to exactly the same regions. The reference implementation has its own, loop-based copy of
+the rule (``reference.py``); tests compare the two.
+
+Shapes: ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]``; R = ceil(T / c) regions, NB = ceil(R / m)
+blocks. The result of :func:`select_regions` is ``sel [B, Hq, NB, K - m]`` (int64), the selected
+history regions of every query block in ascending order, padded with -1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Score matrices of at most this many elements are materialised at once (block-chunked selection).
+SCORE_BUDGET = 1 << 22
+
+
+def region_means(x: torch.Tensor, region_size: int) -> torch.Tensor:
+    """Mean of ``x [B, H, T, D]`` over each region of ``region_size`` tokens -> ``[B, H, R, D]`` (fp32).
+
+    The last region may be short; it is averaged over the tokens it has.
+    """
+    B, H, T, D = x.shape
+    R = math.ceil(T / region_size)
+    pad = R * region_size - T
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    sums = xf.view(B, H, R, region_size, D).sum(dim=3)  # [B, H, R, D]
+    counts = torch.full((R,), float(region_size), device=x.device)
+    counts[-1] = region_size - pad
+    return sums / counts[:, None]
+
+
+def _order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort like ``scores`` (descending) with ties broken towards the lower index.
+
+    fp32 values map to int32 keys in the same order; the low 32 bits hold ``R - 1 - j`` so that equal
+    scores rank the lower region first and no two keys of a row are equal (``topk`` is then exact).
+    """
+    R = scores.shape[-1]
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the float value
+    tiebreak = R - 1 - torch.arange(R, device=scores.device, dtype=torch.int64)
+    return ordered * (1 << 32) + tiebreak
+
+
+def _validate_params(region_size: int, top_k: int, merge: int, sink_regions: int) -> None:
+    for name, value in (("region_size", region_size), ("top_k", top_k), ("merge", merge)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if merge > top_k:
+        raise ValueError(f"merge must be <= top_k (1 <= merge <= top_k), got merge={merge}, top_k={top_k}")
+    if not isinstance(sink_regions, int) or isinstance(sink_regions, bool) or sink_regions < 0:
+        raise ValueError(f"sink_regions must be an integer >= 0, got {sink_regions!r}")
+
+
+@torch.no_grad()
+def select_regions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    region_size: int,
+    top_k: int,
+    merge: int,
+    sink_regions: int = 1,
+    score_budget: int = SCORE_BUDGET,
+) -> torch.Tensor:
+    """Selected history regions of every query block: ``sel [B, Hq, NB, top_k - merge]``, -1 padded.
+
+    Rows are ascending. A block whose history has at most ``top_k - merge`` regions selects all of
+    it; otherwise the sinks plus the first ``n`` distinct regions of the rank-major merge of its
+    regions' top-n lists (DESIGN.md). Scores are computed block-chunk by block-chunk so that at
+    most about ``score_budget`` of the ``(T/c)^2`` score matrix exists at once.
+    """
+    _validate_params(region_size, top_k, merge, sink_regions)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    c, m = region_size, merge
+    R = math.ceil(T / c)
+    NB = math.ceil(R / m)
+    budget = top_k - m  # history regions a block may select
+    sinks = min(sink_regions, budget)
+    n = budget - sinks
+    device = q.device
+    sel = torch.full((B, Hq, NB, budget), -1, dtype=torch.int64, device=device)
+    if budget == 0:
+        return sel
+
+    # Blocks with a short history select all of it (b*m <= budget).
+    dense_blocks = min(NB, budget // m + 1)
+    slots = torch.arange(budget, device=device)
+    for b in range(dense_blocks):
+        hist = b * m
+        sel[:, :, b, :hist] = slots[:hist]
+    if dense_blocks >= NB:
+        return sel
+
+    qbar = region_means(q, c)  # [B, Hq, R, D]
+    kbar = region_means(k, c)  # [B, Hkv, R, D]
+    # Pad the query regions to whole blocks by repeating each block's first region: its candidate
+    # list then only repeats entries already read in the same round, which changes nothing.
+    Rp = NB * m
+    if Rp > R:
+        fill = qbar[:, :, (NB - 1) * m : (NB - 1) * m + 1].expand(B, Hq, Rp - R, D)
+        qbar = torch.cat([qbar, fill], dim=2)
+    qbar_g = qbar.view(B, Hkv, G, NB, m, D)
+
+    region_ids = torch.arange(R, device=device)
+    chunk = max(1, score_budget // max(1, B * Hq * m * R))
+    sink_ids = torch.arange(sinks, device=device)
+    for b0 in range(dense_blocks, NB, chunk):
+        b1 = min(NB, b0 + chunk)
+        nb = b1 - b0
+        # scores[b, g, gi, blk, i, j] = qbar[h, i] . kbar[g, j]   (no scale)
+        qs = qbar_g[:, :, :, b0:b1].reshape(B, Hkv, G * nb * m, D)
+        scores = torch.matmul(qs, kbar.transpose(-1, -2)).view(B, Hq, nb, m, R)
+        keys = _order_key(scores)
+        # Candidates of block b: sinks <= j < b*m.
+        limit = torch.arange(b0, b1, device=device)[:, None] * m  # [nb, 1]
+        valid = (region_ids[None, :] >= sinks) & (region_ids[None, :] < limit)  # [nb, R]
+        keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
+        ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nb, m, n]
+        # Rank-major reading: rank 0 of every region of the block, then rank 1, ...
+        stream = ranked.transpose(-1, -2).reshape(B, Hq, nb, n * m)
+        L = n * m
+        first = torch.full((B, Hq, nb, R), L, dtype=torch.int64, device=device)
+        pos = torch.arange(L, device=device).expand_as(stream)
+        first.scatter_reduce_(-1, stream, pos, reduce="amin")
+        chosen = first.topk(n, dim=-1, largest=False).indices if n > 0 else first[..., :0]
+        rows = torch.cat([sink_ids.expand(B, Hq, nb, sinks), chosen], dim=-1)
+        sel[:, :, b0:b1] = rows.sort(dim=-1).values
+    return sel
+
+
+def selected_counts(T: int, *, region_size: int, top_k: int, merge: int) -> torch.Tensor:
+    """Number of valid (non -1) entries in each block's row of :func:`select_regions` -> ``[NB]``."""
+    R = math.ceil(T / region_size)
+    NB = math.ceil(R / merge)
+    hist = torch.arange(NB) * merge
+    return hist.clamp(max=top_k - merge)

@@ -1,0 +1,1 @@
+"""Triton kernels for MS attention (installed as ``ds_msattn.kernels``)."""
