@@ -1,1 +1,10 @@
-"""Triton kernels for MS attention (installed as ``ds_msattn.kernels``)."""
+"""Triton kernels for MS attention (installed as ``ds_msattn.kernels``).
+
+``ms_attention_triton(q, k, v, sel, *, region_size, merge, scale)`` has the contract of
+``ds_msattn.attention.torch_path.ms_attention_torch``: ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]``,
+``v [B, Hkv, T, Dv]``, ``sel [B, Hq, NB, K-m]`` from ``select_regions`` -> ``o [B, Hq, T, Dv]``.
+"""
+
+from .function import MSAttentionTritonFunction, ms_attention_triton
+
+__all__ = ["MSAttentionTritonFunction", "ms_attention_triton"]
