@@ -30,6 +30,9 @@ class ByteTokenizer:
     eos_token_id = 256
     name_or_path = "bytes"
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def __call__(self, texts: list[str], **_) -> dict:
         return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
 

@@ -24,8 +24,8 @@ DEFAULT_TARGETS = ("k_proj", "o_proj")
 DEFAULT_MODULES_TO_SAVE = ("embed_tokens", "norm")
 
 
-def reduced_lora_config(*, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                        target_modules=DEFAULT_TARGETS, modules_to_save=DEFAULT_MODULES_TO_SAVE) -> LoraConfig:
+def reduced_lora_config(*, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=DEFAULT_TARGETS,
+                        modules_to_save=DEFAULT_MODULES_TO_SAVE, tied_embeddings: bool = False) -> LoraConfig:
     """The peft LoraConfig of reduced LongLoRA (DESIGN.md defaults)."""
     if r <= 0:
         raise ValueError(f"r must be > 0, got {r}")
@@ -34,7 +34,7 @@ def reduced_lora_config(*, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       modules_to_save=list(modules_to_save) or None, bias="none", task_type="CAUSAL_LM",
                       # tied input/output embeddings: the trained embedding copy is also the output projection
-                      ensure_weight_tying=True)
+                      ensure_weight_tying=tied_embeddings)
 
 
 def apply_reduced_lora(model: torch.nn.Module, settings=None, **kwargs) -> PeftModel:
@@ -42,7 +42,8 @@ def apply_reduced_lora(model: torch.nn.Module, settings=None, **kwargs) -> PeftM
     if settings is not None:
         kwargs = dict(r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
                       target_modules=settings.target_modules, modules_to_save=settings.modules_to_save)
-    cfg = reduced_lora_config(**kwargs)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    cfg = reduced_lora_config(**kwargs, tied_embeddings=tied)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t.rsplit(".", 1)[-1] not in names]
     if missing:

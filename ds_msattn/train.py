@@ -1,0 +1,504 @@
+"""Fine-tuning entry point: `python -m ds_msattn.train --config F [--section.key=value ...]`.
+
+Also `ds-msattn train --config F ...` and `deepspeed --num_gpus N --module ds_msattn.train --config F ...`
+(the launcher appends --local_rank). Flow: parse -> init distributed (gloo on CPU, NCCL on GPU, through
+DeepSpeed) -> build (model with the attention from `attention`, CRD-NTK rope, peft LoRA, DeepSpeed engine)
+-> train -> checkpoint/export -> destroy the process group -> `os._exit` (gloo threads can abort a normal
+interpreter exit, so `main` never returns once distributed was initialised).
+
+Per optimizer step rank 0 appends `{"step", "loss", "lr", "tokens_per_s", ...}` to <output_dir>/metrics.jsonl
+(step counts from 1, loss is the mean token loss of the global batch) and writes TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig, load_config, save_config, split_argv
+from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
+from .positions import CrdNtkSchedule, set_inference_positions
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+LOSS_CHUNK = 2048  # tokens per lm_head + cross-entropy chunk: logits are never [T, vocab] at once
+
+
+# ------------------------------------------------------------------ distributed set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_distributed_env(local_rank: int | None = None) -> None:
+    """Fill RANK/WORLD_SIZE/... so a plain `python -m ds_msattn.train` is a world of one (no MPI discovery).
+
+    Launchers (deepspeed, torchrun) set them; SLURM's srun sets only SLURM_*, mapped here; mpirun is left to
+    DeepSpeed's MPI discovery.
+    """
+    env = os.environ
+    if local_rank is not None:
+        env.setdefault("LOCAL_RANK", str(local_rank))
+    if "RANK" in env or "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        return
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+        return
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=env.get("LOCAL_RANK", "0"))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------ model
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The causal LM with the configured attention implementation and `config.ms_attention` set."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    impl = cfg.attention.implementation
+    ms = cfg.attention.ms_attention_dict()
+    torch.manual_seed(cfg.model.init_seed)  # identical random init on every rank (ZeRO-3 partitions each copy)
+    if cfg.model.name == "tiny":
+        from transformers import AutoModelForCausalLM
+
+        from .models import tiny_llama_config
+
+        config = tiny_llama_config(**cfg.model.tiny)
+        config.ms_attention = ms
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+    else:
+        from .models import load_model
+
+        model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype)
+    if getattr(model.config, "attention_dropout", 0.0):
+        model.config.attention_dropout = 0.0  # MS attention has no dropout; keeps resumed runs exact
+    model.config.use_cache = False
+    return model
+
+
+class TokenLossModel(torch.nn.Module):
+    """Wraps the (peft) causal LM so the DeepSpeed engine's forward returns the local token-loss sum and count.
+
+    forward(input_ids [B, T], labels [B, T] (already shifted), position_ids [B, T]) -> (loss_sum [], count []).
+    The lm_head and cross-entropy run in checkpointed chunks of LOSS_CHUNK tokens: a [T, vocab] fp32 logits
+    tensor (3.2 GB at 16K x 49K) never exists.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids, labels, position_ids):
+        lm = self.causal_lm()
+        # An explicit all-ones mask: without it transformers reads wrapped (cyclic) position_ids as packed
+        # documents and would mask attention across the wrap point.
+        mask = torch.ones_like(input_ids)
+        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+                          positions_wrapped=True).last_hidden_state  # [B, T, hidden]
+        head = lm.get_output_embeddings()
+
+        def chunk_loss(h, y):
+            logits = head(h).float()  # [B, chunk, vocab]
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for h, y in zip(hidden.split(LOSS_CHUNK, dim=1), labels.split(LOSS_CHUNK, dim=1)):
+            if torch.is_grad_enabled():
+                loss_sum = loss_sum + torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False)
+            else:
+                loss_sum = loss_sum + chunk_loss(h, y)
+        count = (labels != IGNORE_INDEX).sum()
+        return loss_sum, count
+
+
+# ------------------------------------------------------------------ DeepSpeed config, optimizer, schedule
+
+
+def resolve_path(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (PACKAGE_ROOT / p).is_file():
+        return PACKAGE_ROOT / p
+    raise ValueError(f"deepspeed.config: no such file {path!r}")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    """The DeepSpeed JSON with the run's batch, clipping and optimizer settings applied."""
+    ds = json.loads(resolve_path(cfg.deepspeed.config).read_text())
+    ds = _deep_merge(ds, cfg.deepspeed.overrides)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x DP size
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    if cfg.train.optimizer == "torch_adamw":
+        ds.pop("optimizer", None)
+        # A client torch optimizer with ZeRO offload is refused unless this is false (shared/FACTS.md).
+        ds["zero_force_ds_cpu_optimizer"] = False
+    else:
+        if "optimizer" not in ds:
+            raise ValueError("train.optimizer='deepspeed' needs an 'optimizer' section in deepspeed.config")
+        ds["optimizer"].setdefault("params", {}).update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return ds
+
+
+def lr_lambda(cfg: RunConfig):
+    warm, total = cfg.train.warmup_steps, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.train.lr_schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def find_resume_dir(cfg: RunConfig) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        done = sorted(p for p in checkpoint_root(cfg).glob("step_*") if (p / "trainer_state.json").is_file())
+        return done[-1] if done else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"resume: {cfg.resume!r} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(engine, cfg: RunConfig, step: int, loader: ResumableLoader, rank: int) -> Path:
+    """Atomic: every rank writes into a temp dir, rank 0 adds trainer_state.json and renames it into place."""
+    root = checkpoint_root(cfg)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        state = {"step": step, "loader": loader.state_dict()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+        for old in done[: -cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path, loader: ResumableLoader, rank: int) -> int:
+    state = json.loads((path / "trainer_state.json").read_text())
+    load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/ds")
+    loader.load_state_dict(state["loader"])
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------ training
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sequence_parallel(cfg: RunConfig, model):
+    if cfg.parallel.sequence_parallel_size == 1:
+        return None
+    try:
+        from .parallel.api import setup_sequence_parallel
+    except ImportError as err:
+        raise NotImplementedError(
+            f"parallel.sequence_parallel_size={cfg.parallel.sequence_parallel_size} needs "
+            f"ds_msattn.parallel.api.setup_sequence_parallel, which is not available ({err})") from err
+    return setup_sequence_parallel(cfg, model)
+
+
+def train(cfg: RunConfig) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    model = build_model(cfg)
+    if cfg.model.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_config = model.config
+    schedule = CrdNtkSchedule.from_config(cfg.positions) if cfg.positions.enabled else None
+    if schedule is not None:
+        schedule.apply(model, hf_config, 0)  # crd_ntk rope before peft wraps the model
+    if cfg.lora.enabled:
+        from .lora import apply_reduced_lora
+
+        torch.manual_seed(cfg.model.init_seed + 1)
+        model = apply_reduced_lora(model, cfg.lora)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.name)
+    if len(tokenizer) > hf_config.vocab_size:
+        raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{hf_config.vocab_size} (model.tiny.vocab_size for a tiny model)")
+
+    wrapper = TokenLossModel(model)
+    sp = _sequence_parallel(cfg, wrapper)
+    ds_config = deepspeed_config(cfg)
+    init_kwargs = {}
+    if sp is not None:
+        sp.update_ds_config(ds_config)
+        init_kwargs = sp.initialize_kwargs()
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = None
+    if cfg.train.optimizer == "torch_adamw":
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                      betas=(0.9, 0.95), eps=1e-8)
+    factor = lr_lambda(cfg)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=wrapper, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor), config=ds_config, **init_kwargs)
+    device = engine.device
+
+    if sp is not None:
+        dp_rank, dp_size = getattr(sp, "dp_rank", rank // cfg.parallel.sequence_parallel_size), \
+            getattr(sp, "dp_size", world // cfg.parallel.sequence_parallel_size)
+    else:
+        dp_rank, dp_size = rank, world
+    dataset = build_dataset(cfg.data, tokenizer)
+    loader = ResumableLoader(dataset, micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
+                             dp_size=dp_size, seed=cfg.data.seed)
+
+    start = 0
+    resume_dir = find_resume_dir(cfg)
+    if resume_dir is not None:
+        start = load_checkpoint(engine, resume_dir, loader, rank)
+    torch.manual_seed(cfg.train.seed + 1000 * rank + start)  # dropout-free here, but seeded per rank and step
+
+    metrics_path = out / "metrics.jsonl"
+    writer = bar = None
+    if rank == 0:
+        if metrics_path.exists():  # drop lines of steps after the checkpoint we resume from
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty() and os.environ.get("DS_MSATTN_PROGRESS") != "1")
+
+    gas = cfg.train.gradient_accumulation_steps
+    seq_len = cfg.data.seq_len
+    tokens_per_step = cfg.train.micro_batch_size * gas * dp_size * seq_len  # global batch (an SP group shares one)
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        if schedule is not None:
+            schedule.apply(engine.module, hf_config, step)
+        lr = engine.get_lr()[0]
+        step_sum = torch.zeros((), dtype=torch.float64)
+        step_count = torch.zeros((), dtype=torch.float64)
+        for _ in range(gas):
+            batch = loader.next_batch()
+            bsz = batch["input_ids"].shape[0]
+            if schedule is not None:
+                batch["position_ids"] = schedule.position_ids(bsz, seq_len, step)
+            else:
+                batch["position_ids"] = torch.arange(seq_len).expand(bsz, seq_len)
+            batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+            if sp is not None:
+                batch = sp.shard_batch(batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss_sum, count = engine(batch["input_ids"], batch["labels"], batch["position_ids"])
+            if sp is not None:
+                loss = sp.reduce_loss(loss_sum, count)
+                # global token-mean of this micro-batch; micro-batches of a step hold equal token counts
+                mean = torch.as_tensor(sp.logged_loss(loss_sum.detach(), count), dtype=torch.float64).cpu()
+                totals = torch.stack([mean, torch.ones((), dtype=torch.float64)])
+            else:
+                totals = _all_reduce_sum(torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()]))
+                # Token-weighted mean over the global micro-batch; DeepSpeed averages gradients over DP ranks,
+                # hence the factor dp_size. (Equal counts per micro-step -> the mean over the step, too.)
+                loss = loss_sum * dp_size / totals[1].clamp(min=1).item()
+            engine.backward(loss)
+            engine.step()
+            step_sum += totals[0].double().cpu()
+            step_count += totals[1].double().cpu()
+        elapsed = time.perf_counter() - t0
+        if rank == 0:
+            mean_loss = (step_sum / step_count.clamp(min=1)).item()
+            record = {
+                "step": step + 1,
+                "loss": mean_loss,
+                "lr": lr,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "tokens": tokens_per_step,
+                "step_time_s": elapsed,
+                "peak_memory_mib": peak_memory_mib(),
+            }
+            if schedule is not None:
+                record.update(alpha=schedule.current_alpha, shift=schedule.shift(step))
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key in ("loss", "lr", "tokens_per_s", "peak_memory_mib", "step_time_s"):
+                    writer.add_scalar(f"train/{key}", record[key], step + 1)
+                writer.flush()
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % cfg.train.log_interval == 0:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if bar is None or bar.disable:
+                if (step + 1) % cfg.train.log_interval == 0:
+                    print(f"step {step + 1}/{cfg.train.max_steps} loss {mean_loss:.4f} lr {lr:.3g} "
+                          f"tok/s {record['tokens_per_s']:.0f} {elapsed:.2f}s", flush=True)
+        is_last = step + 1 == cfg.train.max_steps
+        if (cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0) or (
+                is_last and cfg.checkpoint.save_final):
+            save_checkpoint(engine, cfg, step + 1, loader, rank)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    if cfg.checkpoint.export_merged:
+        export(engine, cfg, hf_config, schedule, tokenizer, rank)
+    _barrier()
+
+
+def export(engine, cfg: RunConfig, hf_config, schedule, tokenizer, rank: int) -> None:
+    """Merged plain-transformers model at <output_dir>/merged (gathers ZeRO-3 partitions on every rank)."""
+    import deepspeed
+
+    from .lora import export_merged
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {k: v.detach().clone().cpu() for k, v in engine.module.model.state_dict().items()} if rank == 0 \
+            else None
+    if rank != 0:
+        return
+    model = build_model(cfg)
+    if schedule is not None:
+        alpha = cfg.positions.inference_alpha or schedule.alpha(cfg.train.max_steps - 1)
+        set_inference_positions(model, model.config, alpha=alpha, cycle_length=cfg.positions.cycle_length)
+    if cfg.lora.enabled:
+        from .lora import apply_reduced_lora
+
+        model = apply_reduced_lora(model, cfg.lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"export: state dict mismatch (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    export_merged(model, Path(cfg.output_dir) / "merged", tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, train, and exit the process (os._exit) once distributed was initialised. Returns 2 on bad config."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config_path, local_rank, overrides = split_argv(argv)
+        cfg = load_config(config_path, overrides)
+    except ValueError as err:
+        print(f"ds-msattn train: error: {err}", file=sys.stderr)
+        return 2
+    default_distributed_env(local_rank)
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    code = 0
+    try:
+        train(cfg)
+    except ValueError as err:
+        traceback.print_exc()
+        print(f"ds-msattn train: error: {err}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - report, then exit through the clean path below
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
