@@ -44,36 +44,29 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PREC="tf32")
 
 
+#: GPU autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the forward and dq kernels.
+QUERY_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
+#: ``(BLOCK_M, num_warps, num_stages)`` of the dk/dv kernel (its BLOCK_N is the region size, padded).
+DKDV_CONFIGS = [(64, 4, 2), (128, 8, 2), (64, 4, 3)]
+
+
+def _prune(configs, named_args, **kwargs):
+    # BLOCK_M larger than a query block (m*c rows) would only add masked rows.
+    cap = _pow2(named_args["MC"])
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [triton.Config({**configs[0].kwargs, "BLOCK_M": 16}, num_warps=4, num_stages=2)]
+
+
 if not interpreting() and torch.cuda.is_available():
     # Autotune only with a driver: the interpreter cannot benchmark configurations.
-    _QUERY_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
-    ]
-
-    def _prune(configs, named_args, **kwargs):
-        cap = _pow2(named_args["MC"])
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-        return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-
-    def _prune_dkdv(configs, named_args, **kwargs):
-        cap = _pow2(named_args["MC"])
-        return [c for c in configs if c.kwargs["BLOCK_M"] <= cap] or [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-
-    _fwd = triton.autotune(
-        _QUERY_CONFIGS, key=["MC", "C", "D", "DV", "S"], prune_configs_by={"early_config_prune": _prune}
-    )(ms_attention_fwd_kernel)
-    _dq = triton.autotune(
-        _QUERY_CONFIGS, key=["MC", "C", "D", "DV", "S"], prune_configs_by={"early_config_prune": _prune}
-    )(ms_attention_dq_kernel)
+    _query = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in QUERY_CONFIGS]
+    _tune = dict(key=["MC", "C", "D", "DV", "S"], prune_configs_by={"early_config_prune": _prune})
+    _fwd = triton.autotune(_query, **_tune)(ms_attention_fwd_kernel)
+    _dq = triton.autotune(_query, **_tune)(ms_attention_dq_kernel)
     _dkdv = triton.autotune(
-        [
-            triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
-        ],
+        [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in DKDV_CONFIGS],
         key=["MC", "C", "D", "DV"],
-        prune_configs_by={"early_config_prune": _prune_dkdv},
+        prune_configs_by={"early_config_prune": _prune},
     )(ms_attention_dkdv_kernel)
     TUNED = True
 else:
