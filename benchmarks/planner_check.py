@@ -1,0 +1,160 @@
+"""Planner prediction vs measured peak memory of real CPU training steps, and the README's planner tables.
+
+Usage: ``python benchmarks/planner_check.py [--quick]``. Writes ``benchmarks/results/planner_check.csv`` and
+``.md`` (predicted vs measured, CPU) and ``benchmarks/results/planner_tables.md`` (GPU plans for the README).
+Each measurement runs in a fresh process (see ``ds_msattn/planner_measure.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ds_msattn.planner import GIB, PlanConfig, check_fit, plan_one
+from ds_msattn.planner_presets import shape_from_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=65536,
+    tie_word_embeddings=False,
+)
+MS = {"region_size": 16, "top_k": 8, "merge": 4, "sink_regions": 1}
+
+
+def measure_in_subprocess(specs: list[dict], timeout: float = 600) -> list[dict]:
+    """Run :func:`ds_msattn.planner_measure.measure` for each spec in one fresh interpreter."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ds_msattn.planner_measure", "--json", json.dumps(specs)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"measurement failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return [json.loads(line) for line in res.stdout.strip().splitlines()[-len(specs) :]]
+
+
+def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict | None = None) -> float:
+    """The planner's increment (bytes) for the CPU setting of :func:`measure_in_subprocess`."""
+    ms = ms or MS
+    cfg = PlanConfig(
+        model=shape_from_config(config, name="tiny"),
+        seq_len=seq_len,
+        lora=False,
+        dtype="fp32",
+        zero=0,
+        device="cpu",
+        checkpointing=checkpointing,
+        attn=attn,
+        region_size=ms["region_size"],
+        top_k=ms["top_k"],
+        merge=ms["merge"],
+    )
+    return plan_one(cfg, 0, "none", 1).increment_gib * GIB
+
+
+def cases(quick: bool) -> list[dict]:
+    lengths = (1024, 4096) if quick else (1024, 4096, 8192)
+    out = []
+    for attn in ("sdpa", "ms_attention"):
+        for T in lengths:
+            for ckpt in (False, True):
+                out.append(dict(config=TINY, seq_len=T, attn=attn, checkpointing=ckpt, ms_attention=MS))
+    return out
+
+
+def check(quick: bool) -> list[dict]:
+    rows = []
+    specs = cases(quick)
+    for spec, got in zip(specs, measure_in_subprocess(specs)):
+        pred = predict(spec["config"], spec["seq_len"], spec["attn"], spec["checkpointing"], spec["ms_attention"])
+        row = dict(
+            model="tiny-llama-4L",
+            attn=spec["attn"],
+            seq_len=spec["seq_len"],
+            checkpointing="on" if spec["checkpointing"] else "off",
+            predicted_mib=round(pred / 2**20, 1),
+            measured_mib=round(got["increment_bytes"] / 2**20, 1),
+        )
+        row["error_pct"] = round(100 * (row["predicted_mib"] / row["measured_mib"] - 1), 1)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def gpu_tables() -> str:
+    lines = []
+
+    def row(cfg: PlanConfig) -> str:
+        p = check_fit(cfg)
+        b = p.breakdown_gib
+        states = b["parameters"] + b["gradients"] + b["optimizer_states"]
+        return (
+            f"| {cfg.seq_len // 1024}K | {cfg.gpus * cfg.nodes} x {cfg.gpu_mem_gib:g} GB | {cfg.attn} | "
+            f"{'on' if cfg.checkpointing else 'off'} | {cfg.loss_chunk or '-'} | {p.ds_config} | "
+            f"{p.sequence_parallel_size} | {states:.1f} | {b['activations']:.1f} | {b['logits_and_loss']:.1f} | "
+            f"{b['attention_workspace']:.1f} | {p.per_gpu_gib:.1f} | {p.host_gib:.1f} | {'yes' if p.fits else 'no'} |"
+        )
+
+    head = (
+        "| length | GPUs | attention | ckpt | loss chunk | ds_config | SP | model states | activations | logits | "
+        "attn workspace | per GPU GiB | host GiB/node | fits |\n|" + " --- |" * 14
+    )
+    lines += ["### Llama2-7B, LoRA, bf16, one GPU", "", head]
+    for mem in (40.0, 24.0):
+        for attn, ckpt, chunk in (
+            ("ms_attention", True, 0),
+            ("ms_attention", True, 4096),
+            ("ms_attention", False, 4096),
+            ("sdpa", True, 4096),
+            ("eager", True, 4096),
+        ):
+            cfg = PlanConfig("llama2-7b", 32768, gpus=1, gpu_mem_gib=mem, attn=attn, checkpointing=ckpt, loss_chunk=chunk)
+            lines.append(row(cfg))
+    lines += ["", "### Llama2-7B, LoRA, bf16, sequence parallel (8 GPUs per node, 80 GB)", "", head]
+    for T, gpus in ((131072, 8), (262144, 8), (524288, 16), (1048576, 32), (1048576, 64)):
+        for attn in ("ms_attention", "sdpa"):
+            cfg = PlanConfig(
+                "llama2-7b", T, gpus=8, nodes=gpus // 8, gpu_mem_gib=80.0, attn=attn, checkpointing=True, loss_chunk=4096
+            )
+            lines.append(row(cfg))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tables-only", action="store_true")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tables = gpu_tables()
+    (RESULTS / "planner_tables.md").write_text(tables)
+    print(tables)
+    if args.tables_only:
+        return 0
+    rows = check(args.quick)
+    with open(RESULTS / "planner_check.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = ["| model | attention | T | checkpointing | predicted MiB | measured MiB | error % |", "|" + " --- |" * 7]
+    md += [
+        f"| {r['model']} | {r['attn']} | {r['seq_len']} | {r['checkpointing']} | {r['predicted_mib']} | "
+        f"{r['measured_mib']} | {r['error_pct']:+} |"
+        for r in rows
+    ]
+    (RESULTS / "planner_check.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
