@@ -52,7 +52,8 @@ DKDV_CONFIGS = [(64, 4, 2), (128, 8, 2), (64, 4, 3)]
 
 def _prune(configs, named_args, **kwargs):
     # BLOCK_M larger than a query block (m*c rows) would only add masked rows.
-    cap = _pow2(named_args["MC"])
+    # Triton passes the positional arguments as named_args and the keyword ones as kwargs.
+    cap = _pow2(kwargs["MC"] if "MC" in kwargs else named_args["MC"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     return kept or [triton.Config({**configs[0].kwargs, "BLOCK_M": 16}, num_warps=4, num_stages=2)]
 
