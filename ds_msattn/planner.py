@@ -33,6 +33,8 @@ RSS over the loaded model during one forward + backward + AdamW step (``paramete
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -40,9 +42,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .planner_presets import ModelShape, resolve_shape
 
+from .attention.selection import SCORE_BUDGET
+from .attention.torch_path import CHUNK_BUDGET
+
 GIB = 1 << 30
-CHUNK_BUDGET = 1 << 23  # ds_msattn.attention.torch_path.CHUNK_BUDGET (kept in sync by a test)
-SCORE_BUDGET = 1 << 22  # ds_msattn.attention.selection.SCORE_BUDGET
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.05
@@ -184,7 +187,8 @@ def model_state_bytes(cfg: PlanConfig, zero: int, offload: str, world: int) -> t
     frozen = total if cfg.lora else 0  # LoRA: the whole base model stays, frozen
     mixed = cfg.dtype == "bf16"
     pb = 2 if mixed else 4  # parameter bytes
-    gb = 6 if mixed else 4  # 16-bit + fp32 gradient, or fp32
+    # Gradients: ZeRO-2 keeps a 16-bit and an fp32 copy, ZeRO-3 (and plain PyTorch) one (DeepSpeed's estimators).
+    gb = (6 if zero == 2 else 4) if mixed else 4
     ob = (12 if mixed else 8) if cfg.optimizer_step else 0  # fp32 master + Adam moments, or moments
     largest = shape.largest_module_params()
     gpn, nodes = cfg.gpus, cfg.nodes
@@ -218,7 +222,31 @@ def model_state_bytes(cfg: PlanConfig, zero: int, offload: str, world: int) -> t
             else:  # NVMe: optimizer states (and parameters) on disk; host keeps gradients and swap buffers
                 nvme = (train * (ob + pb) + frozen * pb) / nodes
                 host = (train * (gb - pb if mixed else gb) + 8 * pb * largest * gpn) * BUFFER_FACTOR / nodes
+    if mixed and zero in (2, 3) and offload != "nvme" and cfg.optimizer_step:
+        host = _deepspeed_host_bytes(cfg, zero, offload, train, frozen, largest)
     return states, host, nvme
+
+
+def _deepspeed_host_bytes(cfg: PlanConfig, zero: int, offload: str, train: int, frozen: int, largest: int) -> float:
+    """Host memory per node from DeepSpeed's estimators (trainable part), plus frozen LoRA base parameters."""
+    if zero == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        loaded = train + frozen if offload == "none" else train  # without offload: the whole model is loaded
+        cpu, _ = estimate_zero2_model_states_mem_needs(
+            loaded, num_gpus_per_node=cfg.gpus, num_nodes=cfg.nodes, cpu_offload=offload == "cpu",
+            additional_buffer_factor=BUFFER_FACTOR,
+        )
+        return float(cpu)
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, _, _ = estimate_zero3_model_states_mem_needs(
+        train, largest, num_gpus_per_node=cfg.gpus, num_nodes=cfg.nodes, cpu_offload=offload == "cpu",
+        cpu_offload_params=offload == "cpu", zero_init=True, additional_buffer_factor=BUFFER_FACTOR,
+    )
+    if offload == "cpu":  # frozen parameters are offloaded too: their 16-bit copy
+        cpu += frozen * 2 * BUFFER_FACTOR / cfg.nodes
+    return float(cpu)
 
 
 def _per_token_layer_bytes(cfg: PlanConfig, T: int) -> float:
@@ -474,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        plan = check_fit(cfg)
+        # DeepSpeed logs its accelerator choice to stdout on import; keep stdout for the plan (--json).
+        with contextlib.redirect_stdout(io.StringIO()):
+            plan = check_fit(cfg)
     except ValueError as err:
         print(f"ds-msattn plan: {err}", file=sys.stderr)
         return 2
