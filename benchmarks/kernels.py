@@ -108,7 +108,9 @@ def run(args) -> list[dict]:
             for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     sdpa[mode] = _bench(
-                        lambda: torch.nn.functional.scaled_dot_product_attention(qg, ke, ve, is_causal=True, scale=scale),
+                        lambda: torch.nn.functional.scaled_dot_product_attention(
+                            qg, ke, ve, is_causal=True, scale=scale
+                        ),
                         [qg, ke, ve],
                         backward,
                         triton.testing.do_bench,
@@ -204,8 +206,10 @@ def write_plot(rows: list[dict], path: Path) -> None:
             dense = {int(r["T"]): float(r["sdpa_ms"]) for r in sub}
             ax.plot(ts, [dense[t] for t in ts], "k-o", label="SDPA causal (flash)")
             for p in sorted({(int(r["c"]), int(r["K"]), int(r["m"])) for r in sub}):
-                pts = {int(r["T"]): float(r["ms_kernel_ms"]) for r in sub if (int(r["c"]), int(r["K"]), int(r["m"])) == p}
-                ax.plot(sorted(pts), [pts[t] for t in sorted(pts)], "-o", label=f"MS Triton kernel c={p[0]} K={p[1]} m={p[2]}")
+                pts = {int(r["T"]): float(r["ms_kernel_ms"]) for r in sub
+                       if (int(r["c"]), int(r["K"]), int(r["m"])) == p}
+                ts_p = sorted(pts)
+                ax.plot(ts_p, [pts[t] for t in ts_p], "-o", label=f"MS Triton kernel c={p[0]} K={p[1]} m={p[2]}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("T (tokens)")
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         base = args.from_csv.with_suffix("")
     else:
         if not torch.cuda.is_available():
-            print("benchmarks/kernels.py needs a CUDA GPU (Triton kernels vs SDPA flash); none found, nothing measured.",
+            print("benchmarks/kernels.py needs a CUDA GPU (Triton kernels vs SDPA flash): none found, nothing measured",
                   file=sys.stderr)
             return 1
         rows = run(args)

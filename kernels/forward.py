@@ -89,7 +89,9 @@ def ms_attention_fwd_kernel(
         toks64 = toks.to(tl.int64)
         m_i, l_i, acc = _online_tile(
             q, K + k_base + toks64[:, None] * D + d[None, :], V + v_base + toks64[:, None] * DV + dv[None, :],
-            kv_ok[:, None] & d_ok[None, :], kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, False, m_i, l_i, acc, scale_log2e, DOT_DTYPE, PREC)
+            kv_ok[:, None] & d_ok[None, :], kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, False,
+            m_i, l_i, acc, scale_log2e, DOT_DTYPE, PREC,
+        )
 
     # Own block, causal: keys from the block start up to this tile's last row.
     lo = blk * MC
@@ -100,7 +102,9 @@ def ms_attention_fwd_kernel(
         toks64 = toks.to(tl.int64)
         m_i, l_i, acc = _online_tile(
             q, K + k_base + toks64[:, None] * D + d[None, :], V + v_base + toks64[:, None] * DV + dv[None, :],
-            kv_ok[:, None] & d_ok[None, :], kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, True, m_i, l_i, acc, scale_log2e, DOT_DTYPE, PREC)
+            kv_ok[:, None] & d_ok[None, :], kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, True,
+            m_i, l_i, acc, scale_log2e, DOT_DTYPE, PREC,
+        )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # masked rows only: every real row sees itself
     out = acc / l_safe[:, None]

@@ -60,7 +60,9 @@ def _prune(configs, named_args, **kwargs):
 
 if not interpreting() and torch.cuda.is_available():
     # Autotune only with a driver: the interpreter cannot benchmark configurations.
-    _query = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in QUERY_CONFIGS]
+    _query = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in QUERY_CONFIGS
+    ]
     _tune = dict(key=["MC", "C", "D", "DV", "S"], prune_configs_by={"early_config_prune": _prune})
     _fwd = triton.autotune(_query, **_tune)(ms_attention_fwd_kernel)
     _dq = triton.autotune(_query, **_tune)(ms_attention_dq_kernel)
