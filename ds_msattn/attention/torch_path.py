@@ -46,48 +46,48 @@ class _Geometry:
         self.keys = (self.S + self.m) * self.c  # keys per block: selected regions + own block
         width = self.D if fused else max(self.D, self.mc)
         self.chunk = max(1, CHUNK_BUDGET // (self.B * self.Hq * self.keys * width))
-        counts = (sel[0, 0] >= 0).sum(-1)  # [NB]; the same for every batch row and head
-        slot = torch.arange(self.S * self.c, device=q.device) // self.c
-        sel_mask = slot[None, :] < counts[:, None]  # [NB, S*c]
-        causal = torch.ones(self.mc, self.mc, dtype=torch.bool, device=q.device).tril()
-        self.allowed_sel = sel_mask
-        self.causal = causal
+        # Valid (non -1) selections per block, the same for every batch row and head; rows are filled from the
+        # left and the count never decreases with the block, so a chunk only gathers its last block's count.
+        self.counts = (sel[0, 0] >= 0).sum(-1).tolist()  # [NB]
+        self.causal = torch.ones(self.mc, self.mc, dtype=torch.bool, device=q.device).tril()
         # Row offsets of (batch, kv head) in the flattened [B*Hkv*Rp, c*D] view of k and v.
         self.base = (torch.arange(self.B * self.Hkv, device=q.device) * self.Rp).view(self.B, self.Hkv, 1)
 
+    def slots(self, b1: int) -> int:
+        """Selected regions gathered for a chunk ending at block b1 (its last block has the most)."""
+        return self.counts[b1 - 1]
+
     def mask(self, b0: int, b1: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask ``[1, nb, mc, keys]``: 0 where attended, -inf elsewhere."""
-        nb = b1 - b0
+        nb, s = b1 - b0, self.slots(b1)
+        counts = torch.tensor(self.counts[b0:b1], device=self.causal.device)
+        sel_ok = torch.arange(s * self.c, device=counts.device)[None, :] // self.c < counts[:, None]  # [nb, s*c]
         allowed = torch.cat(
-            [
-                self.allowed_sel[b0:b1, None, :].expand(nb, self.mc, self.S * self.c),
-                self.causal.expand(nb, self.mc, self.mc),
-            ],
-            dim=-1,
+            [sel_ok[:, None, :].expand(nb, self.mc, s * self.c), self.causal.expand(nb, self.mc, self.mc)], dim=-1
         )
         out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return out.masked_fill_(~allowed, float("-inf"))[None]
 
     def rows(self, sel: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
-        """Flat row ids ``[B*Hkv*G*nb*S]`` of the selected regions of blocks b0..b1."""
-        idx = sel[:, :, b0:b1].clamp(min=0).reshape(self.B, self.Hkv, -1)  # [B, Hkv, G*nb*S]
+        """Flat row ids ``[B*Hkv*G*nb*s]`` of the selected regions of blocks b0..b1."""
+        idx = sel[:, :, b0:b1, : self.slots(b1)].clamp(min=0).reshape(self.B, self.Hkv, -1)  # [B, Hkv, G*nb*s]
         return (idx + self.base).reshape(-1)
 
     def gather(self, x: torch.Tensor, rows: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
         """Selected regions then own block of ``x [B, Hkv, Tp, E]`` -> ``[B*Hq, nb, keys, E]``."""
-        nb, E = b1 - b0, x.shape[-1]
+        nb, E, s = b1 - b0, x.shape[-1], self.slots(b1)
         flat = x.reshape(self.B * self.Hkv * self.Rp, self.c * E)
-        picked = flat.index_select(0, rows).view(self.B * self.Hq, nb, self.S * self.c, E)
+        picked = flat.index_select(0, rows).view(self.B * self.Hq, nb, s * self.c, E)
         local = x[:, :, b0 * self.mc : b1 * self.mc].reshape(self.B, self.Hkv, 1, nb, self.mc, E)
         local = local.expand(self.B, self.Hkv, self.G, nb, self.mc, E).reshape(self.B * self.Hq, nb, self.mc, E)
-        return torch.cat([picked, local], dim=2)  # [B*Hq, nb, (S+m)*c, E]
+        return torch.cat([picked, local], dim=2)  # [B*Hq, nb, (s+m)*c, E]
 
     def scatter(self, grad_x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, b0: int, b1: int) -> None:
         """Add ``g [B*Hq, nb, keys, E]`` (gradient of :meth:`gather`) into ``grad_x [B, Hkv, Tp, E]``."""
-        nb, E = b1 - b0, g.shape[-1]
-        picked = g[:, :, : self.S * self.c].reshape(-1, self.c * E)
+        nb, E, s = b1 - b0, g.shape[-1], self.slots(b1)
+        picked = g[:, :, : s * self.c].reshape(-1, self.c * E)
         grad_x.view(self.B * self.Hkv * self.Rp, self.c * E).index_add_(0, rows, picked.to(grad_x.dtype))
-        local = g[:, :, self.S * self.c :].reshape(self.B, self.Hkv, self.G, nb * self.mc, E).sum(2, dtype=grad_x.dtype)
+        local = g[:, :, s * self.c :].reshape(self.B, self.Hkv, self.G, nb * self.mc, E).sum(2, dtype=grad_x.dtype)
         grad_x[:, :, b0 * self.mc : b1 * self.mc] += local
 
     def blocks(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""MS attention (torch path) against causal SDPA on CPU: time, peak memory and FLOP ratio.
+
+fp32, B=1, Hq=8, Hkv in {8, 2}, D=64, T from 4K to 32K, forward and forward+backward. Every measurement runs
+in a fresh subprocess so that its peak RSS is its own: ``peak`` is the process' maximum resident set,
+``extra`` that peak minus the resident set measured after the inputs were made (what the attention itself
+needed). Times are medians of ``--repeats`` runs after one warm-up (one run at 32K for SDPA, which takes
+about half a minute per forward+backward here).
+
+    python benchmarks/attention.py                      # full table, writes benchmarks/results/attention_cpu.*
+    python benchmarks/attention.py --lengths 4096 --quick
+
+Results: ``benchmarks/results/attention_cpu.{md,csv,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARAMS = {
+    "c16-K64-m16": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
+    "c16-K512-m128": dict(region_size=16, top_k=512, merge=128, sink_regions=1),
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def flops(T: int, H: int, D: int, params: dict | None, backward: bool) -> float:
+    """Matmul FLOPs of attention actually computed: causal dense counts the lower triangle."""
+    if params is None:
+        pairs = T * (T + 1) / 2
+    else:
+        c, K, m = params["region_size"], params["top_k"], params["merge"]
+        # each query block of m*c rows: its selected history (at most K-m regions) + its own block (rectangle)
+        blocks = -(-T // (m * c))
+        pairs = 0
+        for b in range(blocks):
+            rows = min(m * c, T - b * m * c)
+            pairs += rows * (min(b * m, K - m) * c + m * c)
+    fwd = 4 * pairs * D * H
+    return fwd * (3.5 if backward else 1.0)  # backward: 2.5x the forward (dq, dk, dv and the recomputed P)
+
+
+def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from ds_msattn import ms_attention
+
+    B, H, D = 1, 8, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, T, D, generator=g)
+    k = torch.randn(B, hkv, T, D, generator=g)
+    v = torch.randn(B, hkv, T, D, generator=g)
+    do = torch.randn(B, H, T, D, generator=g)
+    backward = mode == "fwd+bwd"
+    for x in (q, k, v):
+        x.requires_grad_(backward)
+
+    def step():
+        if impl == "sdpa":
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != H)
+        else:
+            o = ms_attention(q, k, v, backend="torch", **PARAMS[impl])
+        if backward:
+            o.backward(do)
+            for x in (q, k, v):
+                x.grad = None
+        return o
+
+    base = _rss_mb()
+    with torch.set_grad_enabled(backward):
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": statistics.median(times), "peak_mb": peak, "extra_mb": peak - base}
+
+
+def measure(impl, T, hkv, mode, repeats) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(T), str(hkv), mode, str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for impl in sorted({r["impl"] for r in rows}):
+            for hkv in sorted({r["hkv"] for r in rows}):
+                pts = [(r["T"], r["seconds"]) for r in rows if r["impl"] == impl and r["mode"] == mode and r["hkv"] == hkv]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl} Hkv={hkv}")
+        ax.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="seconds", title=f"{mode}, fp32, B1 H8 D64, CPU")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,8192,16384,32768")
+    parser.add_argument("--hkv", default="8,2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one repeat everywhere")
+    parser.add_argument("--out", default=str(RESULTS / "attention_cpu"))
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        impl, T, hkv, mode, repeats = args.worker
+        print(json.dumps(worker(impl, int(T), int(hkv), mode, int(repeats))))
+        return 0
+
+    rows = []
+    for T in (int(x) for x in args.lengths.split(",")):
+        for hkv in (int(x) for x in args.hkv.split(",")):
+            for mode in ("fwd", "fwd+bwd"):
+                for impl in ["sdpa", *PARAMS]:
+                    repeats = 1 if args.quick or (impl == "sdpa" and T >= 32768) else args.repeats
+                    r = measure(impl, T, hkv, mode, repeats)
+                    params = PARAMS.get(impl)
+                    r.update(impl=impl, T=T, hkv=hkv, mode=mode, flops=flops(T, 8, 64, params, mode == "fwd+bwd"))
+                    rows.append(r)
+                    print(f"T={T:6d} Hkv={hkv} {mode:8s} {impl:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:7.0f} MiB"
+                          f"  extra {r['extra_mb']:7.0f} MiB", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "# MS attention (torch path) vs causal SDPA, CPU",
+        "",
+        f"fp32, B=1, Hq=8, D=64, {os.environ.get('BENCH_THREADS', '2')} threads; median of runs (1 run for SDPA at 32K);"
+        " `speedup` = SDPA time / MS time measured in the same run; `FLOP ratio` = attention matmul FLOPs of causal"
+        " SDPA / of MS; peak = process peak RSS, extra = peak minus RSS after making the inputs.",
+        "",
+        "| T | Hkv | pass | impl | seconds | speedup | FLOP ratio | GFLOP/s | peak MiB | extra MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        dense = next(d for d in rows if d["impl"] == "sdpa" and (d["T"], d["hkv"], d["mode"]) == (r["T"], r["hkv"], r["mode"]))
+        speedup = dense["seconds"] / r["seconds"]
+        ratio = dense["flops"] / r["flops"]
+        lines.append(
+            f"| {r['T']} | {r['hkv']} | {r['mode']} | {r['impl']} | {r['seconds']:.3f} | {speedup:.1f}x | {ratio:.1f}x |"
+            f" {r['flops'] / r['seconds'] / 1e9:.0f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')}, .csv, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
