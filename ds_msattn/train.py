@@ -438,6 +438,8 @@ def train(cfg: RunConfig) -> None:
         writer.close()
     if cfg.checkpoint.export_merged:
         export(engine, cfg, hf_config, schedule, tokenizer, rank)
+    if sp is not None and hasattr(sp, "close"):
+        sp.close()
     _barrier()
 
 
