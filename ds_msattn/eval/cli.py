@@ -1,0 +1,168 @@
+"""``ds-msattn eval passkey|ppl|recursive``: long-context evaluation from the command line.
+
+Each subcommand writes a JSON file (``--output``) with the exact command, the model set-up and the
+results, and a PNG beside it (same name, ``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="alias (smollm2) or transformers model directory")
+    p.add_argument("--adapter", default=None, help="peft adapter directory from training")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "ms_attention", "eager"])
+    p.add_argument("--region-size", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--merge", type=int, default=16)
+    p.add_argument("--sink-regions", type=int, default=1)
+    p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "reference"], help="ms_attention backend")
+    p.add_argument("--rope", default="none", choices=["none", "dynamic", "crd-ntk"])
+    p.add_argument("--rope-factor", type=float, default=4.0, help="NTK alpha for dynamic / crd-ntk")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in fp32 either way)")
+    p.add_argument("--output", required=True, help="JSON results file (a PNG is written beside it)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-msattn eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="task", required=True)
+    pk = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
+    _model_args(pk)
+    pk.add_argument("--lengths", type=_ints, required=True, help="e.g. 4096,8192,16384")
+    pk.add_argument("--depths", type=_floats, default=None, help="e.g. 0,0.5,1 (default: random depth per trial)")
+    pk.add_argument("--trials", type=int, default=3, help="trials per length (per depth when --depths is given)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--max-new-tokens", type=int, default=8)
+    pp = sub.add_parser("ppl", help="perplexity per context length")
+    _model_args(pp)
+    src = pp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", default=None)
+    src.add_argument("--corpus", default=None, help="built-in corpus name (shakespeare)")
+    pp.add_argument("--context", type=_ints, required=True, help="e.g. 2048,8192")
+    pp.add_argument("--stride", type=int, default=None, help="sliding stride (default: non-overlapping)")
+    pp.add_argument("--max-windows", type=int, default=None, help="windows per context length")
+    pp.add_argument("--max-tokens", type=int, default=None, help="tokens per document read")
+    rc = sub.add_parser("recursive", help="bounded-memory chunked inference: NLL of a long input and a greedy continuation")
+    _model_args(rc)
+    src = rc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", default=None)
+    src.add_argument("--corpus", default=None)
+    rc.add_argument("--max-tokens", type=int, default=None)
+    rc.add_argument("--chunk", type=int, default=1024, help="tokens per chunk (multiple of merge*region_size)")
+    rc.add_argument("--window-regions", type=int, default=64, help="exact history regions kept (plus sinks)")
+    rc.add_argument("--scales", type=_ints, default=[1, 2, 8], help="summary scales in regions, e.g. 1,2,8")
+    rc.add_argument("--summary-slots", type=int, default=64, help="summaries kept per scale")
+    rc.add_argument("--new-tokens", type=int, default=16)
+    return parser
+
+
+def _spec(args):
+    from .loading import EvalModelSpec
+
+    ms = dict(region_size=args.region_size, top_k=args.top_k, merge=args.merge, sink_regions=args.sink_regions,
+              backend=args.backend)
+    return EvalModelSpec(model=args.model, adapter=args.adapter, attention=args.attn, ms_params=ms, rope=args.rope,
+                         rope_factor=args.rope_factor)
+
+
+def _texts(args) -> dict[str, str]:
+    if args.text_file:
+        return {Path(args.text_file).stem: Path(args.text_file).read_text(encoding="utf-8", errors="replace")}
+    from ds_msattn.corpora import corpus_texts
+
+    return corpus_texts(args.corpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    spec = _spec(args)
+    from ds_msattn.models import load_tokenizer
+
+    from .loading import load_eval_model, prepare_length
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.model)
+    model = load_eval_model(spec, device=args.device)
+    report = {
+        "command": "ds-msattn eval " + shlex.join(argv), "model": args.model, "setup": spec.describe(),
+        "attention": args.attn, "rope": args.rope, "rope_factor": args.rope_factor, "adapter": args.adapter,
+        "ms_attention": spec.ms_params if args.attn == "ms_attention" else None, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.task == "passkey":
+        from .passkey import run_passkey
+        from .plots import plot_passkey
+
+        res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, prepare=lambda n: prepare_length(model, spec, n), log=log)
+        report.update(res)
+        plot_passkey(report, out.with_suffix(".png"))
+    elif args.task == "ppl":
+        from .plots import plot_ppl
+        from .ppl import perplexity, tokenize_documents
+
+        enough = (max(args.context), args.max_windows) if args.max_windows else None
+        docs = tokenize_documents(tokenizer, _texts(args), min_tokens=min(args.context), enough=enough)
+        if args.max_tokens:
+            docs = [(n, ids[: args.max_tokens]) for n, ids in docs]
+        report["documents"] = [n for n, _ in docs]
+        rows = []
+        for ctx in args.context:
+            prepare_length(model, spec, ctx)
+            row = perplexity(model, [ids for _, ids in docs], ctx, args.stride, args.max_windows, log=log)
+            log(f"ppl L={ctx}: {row['ppl']:.3f} over {row['scored_tokens']} tokens, {row['windows']} windows, {row['seconds']} s")
+            rows.append(row)
+        report["results"] = rows
+        plot_ppl(report, out.with_suffix(".png"))
+    else:
+        from .recursive import RecursiveConfig, RecursiveRunner
+        from .ppl import tokenize_documents
+
+        name, ids = tokenize_documents(tokenizer, _texts(args), max_documents=1)[0]
+        if args.max_tokens:
+            ids = ids[: args.max_tokens]
+        prepare_length(model, spec, ids.shape[0])
+        cfg = RecursiveConfig(**spec.ms_params, chunk=args.chunk, window_regions=args.window_regions,
+                              scales=tuple(args.scales), summary_slots=args.summary_slots)
+        runner = RecursiveRunner(model, cfg)
+        res = runner.run(ids, new_tokens=args.new_tokens, log=log)
+        res["continuation"] = tokenizer.decode(res["new_tokens"])
+        report.update(document=name, tokens=int(ids.shape[0]), recursive=cfg.__dict__ | {"scales": list(cfg.scales)}, **res)
+    report["seconds_total"] = round(time.perf_counter() - t0, 1)
+    out.write_text(json.dumps(report, indent=1))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Model set-up for evaluation: attention (dense or MS), RoPE scaling, optional peft adapter.
+
+RoPE choices (DESIGN.md, CRD-NTK):
+- ``none``: the model's own RoPE.
+- ``dynamic``: transformers' "dynamic" rope type (NTK base recomputed from the current length
+  whenever it passes the model's ``max_position_embeddings``; ``factor`` is alpha).
+- ``crd-ntk``: CRD-NTK inference mode: no wrap, no shift; one static base for the target length L,
+  ``b' = b * (alpha * L / L0 - (alpha - 1)) ** (d / (d - 2))`` with L0 the model's context (L is
+  taken as at least L0, so short inputs keep the original base). During prefill of a window of L
+  tokens this equals "dynamic" with the same factor; it differs while decoding past L (fixed base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROPE_MODES = ("none", "dynamic", "crd-ntk")
+ATTENTIONS = ("sdpa", "ms_attention", "eager")
+
+
+@dataclass
+class EvalModelSpec:
+    """What model to evaluate and how."""
+
+    model: str = "smollm2"
+    """alias (``smollm2``) or a transformers model directory"""
+    adapter: str | None = None
+    """peft adapter directory (merged into the weights after loading)"""
+    attention: str = "sdpa"
+    """``sdpa`` (dense), ``ms_attention`` or ``eager``"""
+    ms_params: dict = field(default_factory=lambda: {"region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 1})
+    """MS attention parameters (used when attention is ``ms_attention``)"""
+    rope: str = "none"
+    """``none``, ``dynamic`` or ``crd-ntk``"""
+    rope_factor: float = 4.0
+    """NTK alpha for ``dynamic`` and ``crd-ntk``"""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {self.rope!r}")
+        if not self.rope_factor >= 1.0:
+            raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor!r}")
+
+    def describe(self) -> str:
+        attn = self.attention
+        if attn == "ms_attention":
+            p = self.ms_params
+            attn += f"(c={p['region_size']},K={p['top_k']},m={p['merge']},s={p.get('sink_regions', 1)})"
+        rope = self.rope if self.rope == "none" else f"{self.rope}(alpha={self.rope_factor:g})"
+        return f"{attn}, rope {rope}" + (f", adapter {self.adapter}" if self.adapter else "")
+
+
+DENSE_GPU = "sdpa_repeat_kv"
+
+
+def _dense_repeat_kv(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Dense causal SDPA with the KV heads repeated: on CUDA in fp32 this runs the memory-efficient kernel.
+
+    (transformers' "sdpa" passes ``enable_gqa``, which that kernel lacks, and falls back to the math kernel,
+    whose fp32 ``[Hq, T, T]`` scores do not fit at 32K.) Query ``[B, Hq, T, D]`` -> ``([B, T, Hq, D], None)``.
+    """
+    Lq, Lk = query.shape[2], key.shape[2]
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("sdpa_repeat_kv does not support padded batches")
+    if Lq != Lk and Lq != 1:
+        raise ValueError(f"sdpa_repeat_kv decodes one token at a time (got {Lq} queries for {Lk} keys)")
+    G = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=Lq == Lk and Lq > 1, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_dense_gpu() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(DENSE_GPU, _dense_repeat_kv)
+    AttentionMaskInterface.register(DENSE_GPU, flash_attention_mask)
+
+
+def ntk_base(base: float, head_dim: int, length: int, original: int, alpha: float) -> float:
+    """CRD-NTK inference base (DESIGN.md) for a target ``length``; lengths below ``original`` keep ``base``."""
+    length = max(length, original)
+    return base * (alpha * length / original - (alpha - 1)) ** (head_dim / (head_dim - 2))
+
+
+def load_eval_model(spec: EvalModelSpec, config_overrides: dict | None = None, device: str = "cpu"):
+    """The model in eval mode, fp32, on ``device``, with attention, RoPE mode and adapter applied.
+
+    Dense attention on CUDA uses :func:`_dense_repeat_kv` (same maths as "sdpa", a kernel that fits).
+    """
+    from ds_msattn.models import load_model, resolve_model
+    from transformers import AutoConfig
+
+    overrides = dict(config_overrides or {})
+    if spec.rope == "dynamic":
+        cfg = AutoConfig.from_pretrained(resolve_model(spec.model))
+        rope = dict(cfg.rope_parameters)
+        rope.update(rope_type="dynamic", factor=float(spec.rope_factor))
+        overrides["rope_parameters"] = rope
+    ms = spec.ms_params if spec.attention == "ms_attention" else None
+    attention = spec.attention
+    if attention == "sdpa" and str(device).startswith("cuda"):
+        _register_dense_gpu()
+        attention = DENSE_GPU
+    model = load_model(spec.model, attn_implementation=attention, ms_attention=ms, **overrides)
+    if spec.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    return model.eval().to(device)
+
+
+def prepare_length(model, spec: EvalModelSpec, length: int) -> None:
+    """Set the static CRD-NTK base for inputs of ``length`` tokens (no-op for other RoPE modes)."""
+    if spec.rope != "crd-ntk":
+        return
+    cfg = model.config
+    rotary = model.model.rotary_emb
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base = ntk_base(cfg.rope_parameters["rope_theta"], head_dim, length, cfg.max_position_embeddings, spec.rope_factor)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+    rotary.original_inv_freq = rotary.inv_freq.clone()
