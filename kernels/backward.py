@@ -54,6 +54,18 @@ def reverse_index(sel: torch.Tensor, num_kv_heads: int, num_regions: int) -> tup
 
 
 @triton.jit
+def ms_attention_delta_kernel(O, DO, DELTA, N, DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``delta[i] = sum_d o[i, d] * do[i, d]`` in fp32 over ``N`` rows of ``o, do [N, DV]``; no fp32 copies."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DV)
+    mask = (rows < N)[:, None] & (cols < DV)[None, :]
+    offs = rows[:, None] * DV + cols[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
 def _dq_tile(q, do, lse2, delta, k_ptrs, v_ptrs, kmask, vmask, kv_ok, rows, toks, CAUSAL: tl.constexpr, dq,
              scale_log2e, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
     k = tl.load(k_ptrs, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import ms_attention_dkdv_kernel, ms_attention_dq_kernel, reverse_index
+from .backward import ms_attention_delta_kernel, ms_attention_dkdv_kernel, ms_attention_dq_kernel, reverse_index
 from .forward import ms_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -149,7 +149,9 @@ def _forward(q, k, v, sel, geo: _Geometry, scale: float):
 
 
 def _backward(do, q, k, v, sel, o, lse2, geo: _Geometry, scale: float):
-    delta = (do.float() * o.float()).sum(-1)  # [B, Hq, T]
+    delta = torch.empty(geo.B, geo.Hq, geo.T, dtype=torch.float32, device=q.device)  # rowsum(do * o)
+    rows = geo.B * geo.Hq * geo.T
+    ms_attention_delta_kernel[(triton.cdiv(rows, 64),)](o, do, delta, rows, geo.Dv, BLOCK_R=64, BLOCK_DV=geo.BLOCK_DV)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
