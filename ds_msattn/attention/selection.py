@@ -15,7 +15,7 @@ import math
 
 import torch
 
-# Score matrices of at most this many elements are materialised at once (block-chunked selection).
+# Score matrices of about this many elements (8x on CUDA) are materialised at once (block-chunked selection).
 SCORE_BUDGET = 1 << 22
 
 
@@ -68,7 +68,7 @@ def select_regions(
     top_k: int,
     merge: int,
     sink_regions: int = 1,
-    score_budget: int = SCORE_BUDGET,
+    score_budget: int | None = None,
 ) -> torch.Tensor:
     """Selected history regions of every query block: ``sel [B, Hq, NB, top_k - merge]``, -1 padded.
 
@@ -112,24 +112,28 @@ def select_regions(
     qbar_g = qbar.view(B, Hkv, G, NB, m, D)
 
     region_ids = torch.arange(R, device=device)
+    if score_budget is None:
+        score_budget = SCORE_BUDGET * (8 if q.is_cuda else 1)  # fewer, larger chunks keep a GPU busy
     chunk = max(1, score_budget // max(1, B * Hq * m * R))
     sink_ids = torch.arange(sinks, device=device)
     for b0 in range(dense_blocks, NB, chunk):
         b1 = min(NB, b0 + chunk)
         nb = b1 - b0
         # scores[b, g, gi, blk, i, j] = qbar[h, i] . kbar[g, j]   (no scale)
+        cols = (b1 - 1) * m  # history of the chunk's last block: no later region is a candidate
         qs = qbar_g[:, :, :, b0:b1].reshape(B, Hkv, G * nb * m, D)
-        scores = torch.matmul(qs, kbar.transpose(-1, -2)).view(B, Hq, nb, m, R)
+        scores = torch.matmul(qs, kbar[:, :, :cols].transpose(-1, -2)).view(B, Hq, nb, m, cols)
         keys = _order_key(scores)
         # Candidates of block b: sinks <= j < b*m.
         limit = torch.arange(b0, b1, device=device)[:, None] * m  # [nb, 1]
-        valid = (region_ids[None, :] >= sinks) & (region_ids[None, :] < limit)  # [nb, R]
+        ids = region_ids[None, :cols]
+        valid = (ids >= sinks) & (ids < limit)  # [nb, cols]
         keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
         ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nb, m, n]
         # Rank-major reading: rank 0 of every region of the block, then rank 1, ...
         stream = ranked.transpose(-1, -2).reshape(B, Hq, nb, n * m)
         L = n * m
-        first = torch.full((B, Hq, nb, R), L, dtype=torch.int64, device=device)
+        first = torch.full((B, Hq, nb, cols), L, dtype=torch.int64, device=device)
         pos = torch.arange(L, device=device).expand_as(stream)
         first.scatter_reduce_(-1, stream, pos, reduce="amin")
         chosen = first.topk(n, dim=-1, largest=False).indices if n > 0 else first[..., :0]
