@@ -85,3 +85,36 @@ def test_window_nll_first_target():
 def test_no_window_raises():
     with pytest.raises(ValueError, match="no document"):
         perplexity(_tiny(), [torch.zeros(10, dtype=torch.long)], 32, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("length,alpha", [(1024, 4.0), (8192, 4.0), (20000, 2.0)])
+def test_crd_ntk_inference_base(length, alpha):
+    """prepare_length sets inv_freq from b' = b * (alpha*L/L0 - (alpha-1)) ** (d/(d-2)), L = max(length, L0)."""
+    from ds_msattn.eval.loading import EvalModelSpec, ntk_base, prepare_length
+
+    model = _tiny()  # L0 = 4096, head dim 16, theta 1e4
+    spec = EvalModelSpec(rope="crd-ntk", rope_factor=alpha)
+    prepare_length(model, spec, length)
+    L = max(length, 4096)
+    want_base = 1e4 * (alpha * L / 4096 - (alpha - 1)) ** (16 / 14)
+    assert ntk_base(1e4, 16, length, 4096, alpha) == pytest.approx(want_base)
+    want = 1.0 / want_base ** (torch.arange(0, 16, 2, dtype=torch.float) / 16)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
+    # The model still runs, and a second length re-derives the base from the original L0.
+    prepare_length(model, spec, 2 * L)
+    base2 = 1e4 * (alpha * 2 * L / 4096 - (alpha - 1)) ** (16 / 14)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, 1.0 / base2 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16), rtol=1e-6, atol=0)
+
+
+def test_dense_repeat_kv_equals_sdpa():
+    """The CUDA dense path (KV heads repeated) is the same maths as transformers' sdpa (checked on CPU)."""
+    from ds_msattn.eval.loading import _dense_repeat_kv
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 33, 8, generator=g), torch.randn(2, 2, 33, 8, generator=g), torch.randn(2, 2, 33, 8, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    out, _ = _dense_repeat_kv(None, q, k, v, None, scaling=8**-0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    # One decoded token attends to every key.
+    one, _ = _dense_repeat_kv(None, q[:, :, -1:], k, v, None, scaling=8**-0.5)
+    torch.testing.assert_close(one, ref.transpose(1, 2)[:, -1:])

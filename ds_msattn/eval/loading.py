@@ -116,13 +116,15 @@ def load_eval_model(spec: EvalModelSpec, config_overrides: dict | None = None, d
 
 
 def prepare_length(model, spec: EvalModelSpec, length: int) -> None:
-    """Set the static CRD-NTK base for inputs of ``length`` tokens (no-op for other RoPE modes)."""
+    """Set the static CRD-NTK base for inputs of ``length`` tokens (no-op for other RoPE modes).
+
+    Uses the training engineer's rope type (``ds_msattn.positions``: inference mode, cycle length
+    ``max(length, L0)``); :func:`ntk_base` is the same formula written out, which the tests compare.
+    """
     if spec.rope != "crd-ntk":
         return
+    from ds_msattn.positions import set_inference_positions
+
     cfg = model.config
-    rotary = model.model.rotary_emb
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    base = ntk_base(cfg.rope_parameters["rope_theta"], head_dim, length, cfg.max_position_embeddings, spec.rope_factor)
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-    rotary.original_inv_freq = rotary.inv_freq.clone()
+    original = int((cfg.rope_parameters or {}).get("original_max_position_embeddings") or cfg.max_position_embeddings)
+    set_inference_positions(model, cfg, alpha=spec.rope_factor, cycle_length=max(length, original))

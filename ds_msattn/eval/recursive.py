@@ -338,6 +338,7 @@ class RecursiveRunner:
         layers = self.model.model.layers
         self.states = [LayerState(self.cfg, layer.self_attn.scaling) for layer in layers]
         self.position = 0
+        self.pending_partial = False
 
     def _forward(self, ids: torch.Tensor, decode: bool) -> torch.Tensor:
         """``ids [B, L]`` at the next positions -> final hidden states ``[B, L, H]``; updates the states."""
@@ -374,16 +375,26 @@ class RecursiveRunner:
         return sum(s.state_elements() for s in self.states)
 
     @torch.no_grad()
-    def run(self, ids: torch.Tensor, new_tokens: int = 0, log=print) -> dict:
-        """NLL of ``ids [T]`` processed chunk by chunk, then ``new_tokens`` greedy tokens."""
+    def run(self, ids, new_tokens: int = 0, log=print, on_chunk=None) -> dict:
+        """NLL of the input processed chunk by chunk, then ``new_tokens`` greedy tokens.
+
+        ``ids`` is a tensor ``[T]`` or an iterable of chunks ``[chunk]`` (streamed input: nothing of size T is
+        ever held). ``on_chunk(tokens_so_far)`` is called after each chunk (memory checkpoints).
+        """
         self.reset()
         head = self.model.get_output_embeddings()
         device = next(self.model.parameters()).device
-        ids = ids.to(device)
-        T = ids.shape[0]
-        total, count, prev, t0 = 0.0, 0, None, time.perf_counter()
-        for a in range(0, T, self.cfg.chunk):
-            chunk = ids[a : a + self.cfg.chunk]
+        if isinstance(ids, torch.Tensor):
+            chunks = (ids[a : a + self.cfg.chunk] for a in range(0, ids.shape[0], self.cfg.chunk))
+        else:
+            chunks = iter(ids)
+        total, count, prev, t0, done = 0.0, 0, None, time.perf_counter(), 0
+        for i, chunk in enumerate(chunks):
+            chunk = chunk.to(device)
+            if chunk.shape[0] != self.cfg.chunk and self.pending_partial:
+                raise ValueError("only the last chunk may be shorter than cfg.chunk")
+            self.pending_partial = chunk.shape[0] != self.cfg.chunk
+            done += chunk.shape[0]
             hidden = self.prefill(chunk[None])[0]
             if prev is not None:  # the previous chunk's last position predicts this chunk's first token
                 total += float(F.cross_entropy(head(prev[None]).float(), chunk[:1], reduction="sum"))
@@ -392,8 +403,10 @@ class RecursiveRunner:
                 total += float(F.cross_entropy(head(hidden[:-1]).float(), chunk[1:], reduction="sum"))
                 count += chunk.shape[0] - 1
             prev = hidden[-1]
-            if log and (a // self.cfg.chunk) % 16 == 0:
-                log(f"recursive: {a + chunk.shape[0]}/{T} tokens, state {self.state_elements()} elements")
+            if on_chunk is not None:
+                on_chunk(done)
+            if log and i % 16 == 0:
+                log(f"recursive: {done} tokens, state {self.state_elements()} elements, {time.perf_counter() - t0:.0f} s")
         new = []
         logits = head(prev[None])
         for _ in range(new_tokens):
