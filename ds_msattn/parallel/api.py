@@ -6,12 +6,17 @@ Per micro-batch the training loop calls ``shard_batch`` (global sequence -> this
 the model, ``reduce_loss`` (-> the tensor to backward) and ``logged_loss`` / ``global_mean_loss``.
 
 Loss and gradients: the objective is the token mean over every non-ignored token of the global batch
-(all DP x SP ranks). DeepSpeed sums gradients over every rank (its sequence-data-parallel group) and
-divides by ``world / P`` = the DP size, for ZeRO 0, 1, 2 and 3 alike in DeepSpeed 0.19.8
-(``stage_1_and_2.py`` and ``stage3.py`` divide by ``world / sequence_parallel_size``). So each rank
-backwards ``loss_sum_local * dp_size / N_global``, which makes the reduced gradient exactly the
-gradient of the global token mean. (FACTS.md saw SP-times-too-large gradients under ZeRO 0/1/2 with
-DeepSpeed's Ulysses HF path: that path's loss is a per-rank mean; ours never is.)
+(all DP x SP ranks). Each rank backwards ``loss_sum_local * W / N_global`` where W is the number that
+DeepSpeed divides the summed gradients by, so that the reduced gradient is exactly the gradient of the
+global token mean. W depends on the ZeRO path (DeepSpeed 0.19.8, read in its code and measured with an
+SGD step against a single process, tests/test_sp_train.py):
+
+- ZeRO 0, 1, 2 and ZeRO-3 with ``reduce_scatter: false`` divide by ``world / P`` (the DP size);
+- ZeRO-3 with ``reduce_scatter`` (its default) uses ``reduce_scatter_coalesced``, which divides by the
+  whole sequence-data-parallel world (DP x SP), ignoring P.
+
+Using one factor for every stage gives gradients P times off on one of the two paths (FACTS.md saw
+this with DeepSpeed's Ulysses HF path); ``update_ds_config`` reads the stage, so the factor follows it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class SequenceParallel:
         self.dp_size, self.dp_rank = groups.dp_size, groups.dp_rank
         self.block = ms_params["region_size"] * ms_params["merge"]  # shards are whole query blocks
         self.valid_len: int | None = None
+        self.grad_divisor: int | None = None  # set by update_ds_config (see the module docstring)
         self.stats = TrafficStats()
         self.ulysses = UlyssesMSAttention(groups.sp_group) if mode == "ulysses" else None
         self._logged = False
@@ -62,6 +68,12 @@ class SequenceParallel:
         """Tell DeepSpeed the SP size (its batch arithmetic counts DP ranks only)."""
         ds_config["sequence_parallel_size"] = self.sp_size
         ds_config.pop("train_batch_size", None)  # micro batch x accumulation x DP size
+        zero = ds_config.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+        if stage == 3 and zero.get("reduce_scatter", True):
+            self.grad_divisor = self.dp_size * self.sp_size  # reduce_scatter_coalesced averages over every rank
+        else:
+            self.grad_divisor = self.dp_size  # divides by world / sequence_parallel_size
 
     def initialize_kwargs(self) -> dict:
         """Extra ``deepspeed.initialize`` kwargs: the mpu that holds the SP and SP x DP groups."""
@@ -127,13 +139,15 @@ class SequenceParallel:
         return float(t[0]), float(t[1])
 
     def reduce_loss(self, loss_sum: torch.Tensor, n_tokens) -> torch.Tensor:
-        """``loss_sum * dp_size / N_global``: DeepSpeed's sum over ranks / dp_size then gives d(global mean)."""
+        """``loss_sum * W / N_global``: DeepSpeed's gradient sum over ranks / W is then d(global token mean)."""
+        if self.grad_divisor is None:
+            raise ValueError("call update_ds_config(ds_config) before training: the loss factor depends on the ZeRO stage")
         _, total = self._global_counts(loss_sum, n_tokens)
         if not self._logged and dist.get_rank() == 0:
             logger.info("sequence parallel (%s, P=%d): bytes per rank for one micro-batch on rank 0: %s",
                         self.mode, self.sp_size, self.traffic())
             self._logged = True
-        return loss_sum * (self.dp_size / max(total, 1.0))
+        return loss_sum * (self.grad_divisor / max(total, 1.0))
 
     def global_mean_loss(self, loss_sum: torch.Tensor, n_tokens) -> float:
         """Token-weighted mean loss over the whole global batch (for logging)."""
