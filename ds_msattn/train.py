@@ -33,7 +33,7 @@ from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
 from .positions import CrdNtkSchedule, set_inference_positions
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-LOSS_CHUNK = 2048  # tokens per lm_head + cross-entropy chunk: logits are never [T, vocab] at once
+LOSS_CHUNK = 1024  # tokens per lm_head + cross-entropy chunk: logits are never [T, vocab] at once
 
 
 # ------------------------------------------------------------------ distributed set-up
