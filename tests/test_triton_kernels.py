@@ -25,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 # Largest error, relative to the reference's largest magnitude, allowed per input dtype. bf16 inputs are
 # rounded once (so the reference sees the same values); the rest is the output rounding and bf16 matmul
 # inputs (p, ds) on the GPU.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 # (id, B, Hq, Hkv, T, D, Dv, region_size, top_k, merge, sink_regions)
 CASES = [
@@ -88,6 +88,20 @@ def test_triton_matches_reference_and_torch_path(B, Hq, Hkv, T, D, Dv, c, K, m, 
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, other):
         err = _rel_err(a, b)
         assert err <= 2 * TOL[dtype], f"{name} vs torch path: relative error {err:.2e}"
+
+
+def test_fp16_inputs():
+    """fp16 takes the bf16 code path with another dot dtype: one sparse GQA case against the reference."""
+    q, k, v, do = _inputs(1, 4, 2, 70, 16, 16, torch.float16, seed=11)
+    params = dict(region_size=8, top_k=6, merge=2, sink_regions=1)
+    ref = _run(lambda q, k, v: ms_attention_reference(q.double(), k.double(), v.double(), **params),
+               q, k, v, do.double(), device="cpu")
+    got = _run(lambda q, k, v: ms_attention_triton(q, k, v, select_regions(q, k, **params), region_size=8, merge=2),
+               q, k, v, do)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == torch.float16, name
+        err = _rel_err(a, r)
+        assert err <= TOL[torch.float16], f"{name}: relative error {err:.2e}"
 
 
 def test_dense_case_equals_sdpa_causal():
