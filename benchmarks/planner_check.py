@@ -30,16 +30,35 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 MS = {"region_size": 16, "top_k": 8, "merge": 4, "sink_regions": 1}
+# SmolLM2-135M's shape (random init: memory does not depend on the weights' values).
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=65536,
+    tie_word_embeddings=True,
+)
+SMOLLM2_MS = {"region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 1}
 
 
-def measure_in_subprocess(specs: list[dict], timeout: float = 600) -> list[dict]:
-    """Run :func:`ds_msattn.planner_measure.measure` for each spec in one fresh interpreter."""
+def measure_in_subprocess(specs: list[dict], timeout: float = 3600):
+    """Run :func:`ds_msattn.planner_measure.measure` for each spec in one fresh interpreter; yields results
+    as they arrive (one JSON line per spec)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "ds_msattn.planner_measure", "--json", json.dumps(specs)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"measurement failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return [json.loads(line) for line in res.stdout.strip().splitlines()[-len(specs) :]]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)
+        if proc.wait(timeout=timeout) != 0:
+            raise RuntimeError(f"measurement process failed with exit code {proc.returncode}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict | None = None) -> float:
@@ -52,6 +71,7 @@ def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict
         dtype="fp32",
         zero=0,
         device="cpu",
+        loss_chunk=0,  # the measured step uses transformers' own (unchunked) loss
         checkpointing=checkpointing,
         attn=attn,
         region_size=ms["region_size"],
@@ -62,31 +82,43 @@ def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict
 
 
 def cases(quick: bool) -> list[dict]:
-    lengths = (1024, 4096) if quick else (1024, 4096, 8192)
+    lengths = (1024, 4096)
     out = []
     for attn in ("sdpa", "ms_attention"):
         for T in lengths:
             for ckpt in (False, True):
-                out.append(dict(config=TINY, seq_len=T, attn=attn, checkpointing=ckpt, ms_attention=MS))
+                out.append(dict(name="tiny-llama-4L", config=TINY, seq_len=T, attn=attn, checkpointing=ckpt, ms_attention=MS))
+    for attn in ("sdpa", "ms_attention"):
+        for T, ckpt in ((1024, False), (1024, True), (2048, True)) if not quick else ():
+            out.append(dict(name="smollm2-135m", config=SMOLLM2, seq_len=T, attn=attn, checkpointing=ckpt, ms_attention=SMOLLM2_MS))
     return out
 
 
+FIELDS = ["model", "attn", "seq_len", "checkpointing", "predicted_mib", "measured_mib", "error_pct"]
+
+
 def check(quick: bool) -> list[dict]:
+    """Measure every case (rows appended to planner_check.csv as they arrive) and compare."""
     rows = []
     specs = cases(quick)
-    for spec, got in zip(specs, measure_in_subprocess(specs)):
-        pred = predict(spec["config"], spec["seq_len"], spec["attn"], spec["checkpointing"], spec["ms_attention"])
-        row = dict(
-            model="tiny-llama-4L",
-            attn=spec["attn"],
-            seq_len=spec["seq_len"],
-            checkpointing="on" if spec["checkpointing"] else "off",
-            predicted_mib=round(pred / 2**20, 1),
-            measured_mib=round(got["increment_bytes"] / 2**20, 1),
-        )
-        row["error_pct"] = round(100 * (row["predicted_mib"] / row["measured_mib"] - 1), 1)
-        print(row, flush=True)
-        rows.append(row)
+    with open(RESULTS / "planner_check.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for spec, got in zip(specs, measure_in_subprocess(specs)):
+            pred = predict(spec["config"], spec["seq_len"], spec["attn"], spec["checkpointing"], spec["ms_attention"])
+            row = dict(
+                model=spec["name"],
+                attn=spec["attn"],
+                seq_len=spec["seq_len"],
+                checkpointing="on" if spec["checkpointing"] else "off",
+                predicted_mib=round(pred / 2**20, 1),
+                measured_mib=round(got["increment_bytes"] / 2**20, 1),
+            )
+            row["error_pct"] = round(100 * (row["predicted_mib"] / row["measured_mib"] - 1), 1)
+            print(row, flush=True)
+            writer.writerow(row)
+            f.flush()
+            rows.append(row)
     return rows
 
 
@@ -102,6 +134,7 @@ def gpu_tables() -> str:
             f"{'on' if cfg.checkpointing else 'off'} | {cfg.loss_chunk or '-'} | {p.ds_config} | "
             f"{p.sequence_parallel_size} | {states:.1f} | {b['activations']:.1f} | {b['logits_and_loss']:.1f} | "
             f"{b['attention_workspace']:.1f} | {p.per_gpu_gib:.1f} | {p.host_gib:.1f} | {'yes' if p.fits else 'no'} |"
+        ).replace(f"| {p.ds_config} |", f"| {p.ds_config if p.fits else '(none fits; last tried ' + str(p.ds_config) + ')'} |", 1
         )
 
     head = (
@@ -112,10 +145,10 @@ def gpu_tables() -> str:
     for mem in (40.0, 24.0):
         for attn, ckpt, chunk in (
             ("ms_attention", True, 0),
-            ("ms_attention", True, 4096),
-            ("ms_attention", False, 4096),
-            ("sdpa", True, 4096),
-            ("eager", True, 4096),
+            ("ms_attention", True, 2048),
+            ("ms_attention", False, 2048),
+            ("sdpa", True, 2048),
+            ("eager", True, 2048),
         ):
             cfg = PlanConfig("llama2-7b", 32768, gpus=1, gpu_mem_gib=mem, attn=attn, checkpointing=ckpt, loss_chunk=chunk)
             lines.append(row(cfg))
@@ -123,7 +156,7 @@ def gpu_tables() -> str:
     for T, gpus in ((131072, 8), (262144, 8), (524288, 16), (1048576, 32), (1048576, 64)):
         for attn in ("ms_attention", "sdpa"):
             cfg = PlanConfig(
-                "llama2-7b", T, gpus=8, nodes=gpus // 8, gpu_mem_gib=80.0, attn=attn, checkpointing=True, loss_chunk=4096
+                "llama2-7b", T, gpus=8, nodes=gpus // 8, gpu_mem_gib=80.0, attn=attn, checkpointing=True, loss_chunk=2048
             )
             lines.append(row(cfg))
     return "\n".join(lines) + "\n"
@@ -141,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables_only:
         return 0
     rows = check(args.quick)
-    with open(RESULTS / "planner_check.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     md = ["| model | attention | T | checkpointing | predicted MiB | measured MiB | error % |", "|" + " --- |" * 7]
     md += [
         f"| {r['model']} | {r['attn']} | {r['seq_len']} | {r['checkpointing']} | {r['predicted_mib']} | "

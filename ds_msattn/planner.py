@@ -38,7 +38,8 @@ import io
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .planner_presets import ModelShape, resolve_shape
 
@@ -49,18 +50,26 @@ GIB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.05
-# (file in ds_configs/, ZeRO stage, offload), cheapest first: the order the planner tries them in.
+# (file in ds_configs/, ZeRO stage, offload), fastest first: the order the planner tries them in.
 DS_CONFIGS = (
-    ("zero2.json", 2, "none"),
     ("zero3.json", 3, "none"),
     ("zero2_offload.json", 2, "cpu"),
     ("zero3_offload.json", 3, "cpu"),
-    ("zero3_offload_nvme.json", 3, "nvme"),
 )
-# DeepSpeed's bucket sizes (elements) as the configs in ds_configs/ set them: 2e8 reduce, 5e7 prefetch.
-REDUCE_BUCKET = 200_000_000
-PREFETCH_BUCKET = 50_000_000
-ALLGATHER_BUCKET = 200_000_000
+CPU_DS_CONFIG = "zero3_offload_cpu.json"  # fp32 ZeRO-3 offload for CPU-only runs
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# DeepSpeed's bucket sizes (elements) when a config does not set them.
+DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
+
+
+def bucket_sizes(ds_config: str | None) -> dict[str, float]:
+    """``reduce_bucket_size``, ``allgather_bucket_size``, ``stage3_prefetch_bucket_size`` of a ds_configs/ file."""
+    sizes = dict(DEFAULT_BUCKETS)
+    path = DS_CONFIG_DIR / ds_config if ds_config else None
+    if path is not None and path.is_file():
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+        sizes.update({k: float(zero[k]) for k in sizes if isinstance(zero.get(k), (int, float))})
+    return sizes
 
 
 @dataclass
@@ -93,8 +102,8 @@ class PlanConfig:
     top_k: int = 64
     merge: int = 16
     micro_batch: int = 1
-    loss_chunk: int = 0
-    """tokens per chunk of a chunked loss; 0: logits of the whole sequence at once"""
+    loss_chunk: int = 2048
+    """tokens per chunk of the loss (ds_msattn.train.LOSS_CHUNK); 0: HF's loss, logits of the whole sequence"""
     device: str = "gpu"
     """gpu, or cpu (the measurable setting: no CUDA context, fp32)"""
     optimizer_step: bool = True
@@ -169,7 +178,10 @@ def trainable_params(shape: ModelShape, lora: bool, rank: int) -> int:
     return shape.num_layers * (lora_k + lora_o) + shape.vocab_size * h + norms
 
 
-def ds_config_name(zero: int, offload: str) -> str | None:
+def ds_config_name(cfg: PlanConfig, zero: int, offload: str) -> str | None:
+    """The file in ds_configs/ for this setting, None where there is none (ZeRO-2 without offload, NVMe)."""
+    if cfg.device == "cpu" and (zero, offload) == (3, "cpu"):
+        return CPU_DS_CONFIG
     for name, z, o in DS_CONFIGS:
         if (z, o) == (zero, offload):
             return name
@@ -344,10 +356,12 @@ def plan_one(cfg: PlanConfig, zero: int, offload: str, sp: int) -> Plan:
     logits = _logits_bytes(cfg, tokens)
     train = trainable_params(s, cfg.lora, cfg.lora_rank)
     comm = 0.0
+    ds_config = ds_config_name(cfg, zero, offload)
+    buckets = bucket_sizes(ds_config)
     if zero == 2:
-        comm = b * (min(REDUCE_BUCKET, train) + min(ALLGATHER_BUCKET, train))
+        comm = b * (min(buckets["reduce_bucket_size"], train) + min(buckets["allgather_bucket_size"], train))
     elif zero == 3:
-        comm = b * (min(REDUCE_BUCKET, train) + min(PREFETCH_BUCKET, s.total_params()))
+        comm = b * (min(buckets["reduce_bucket_size"], train) + min(buckets["stage3_prefetch_bucket_size"], s.total_params()))
     if sp > 1 and cfg.attn == "sdpa":
         comm += 2 * b * B * tokens * (2 * s.num_heads + 2 * s.num_kv_heads) * s.head_dim
     # Peak = persistent states + the largest of the step's phases. Under ZeRO the gradient buffers persist;
@@ -395,7 +409,7 @@ def plan_one(cfg: PlanConfig, zero: int, offload: str, sp: int) -> Plan:
         per_gpu_gib=round(per_gpu / GIB, 3),
         host_gib=round(host / GIB, 3),
         breakdown_gib={k: round(v / GIB, 3) for k, v in breakdown.items()},
-        ds_config=ds_config_name(zero, offload) if zero else None,
+        ds_config=ds_config,
         sequence_parallel_size=sp,
         zero=zero,
         offload=offload,
@@ -423,8 +437,8 @@ def check_fit(cfg: PlanConfig) -> Plan:
         configs = [
             c for c in DS_CONFIGS if cfg.zero in (None, c[1]) and (cfg.offload is None or cfg.offload == c[2])
         ]
-    if not configs:
-        raise ValueError(f"no DeepSpeed config in ds_configs/ has zero={cfg.zero} offload={cfg.offload}")
+    if not configs:  # a setting without a file in ds_configs/ (ZeRO-2 without offload, NVMe): plan it anyway
+        configs = [(None, cfg.zero or 3, cfg.offload or "none")]
     last = None
     for sp in sps:
         for _, zero, offload in configs:
@@ -454,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--merge", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: unchunked)")
+    p.add_argument("--loss-chunk", type=int, default=2048,
+                   help="tokens per loss chunk (ds_msattn.train chunks by 2048; 0: unchunked, as HF's own loss)")
     p.add_argument("--json", action="store_true")
     return p
 

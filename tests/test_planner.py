@@ -129,7 +129,7 @@ def test_per_layer_activations_match_autograd(attn, dtype):
     shape = shape_from_config(cfg)
     b = 2 if dtype == torch.bfloat16 else 4
     plan_cfg = PlanConfig(
-        shape, T, lora=False, dtype="bf16" if b == 2 else "fp32", attn=attn, checkpointing=False, zero=0, device="cpu",
+        shape, T, lora=False, dtype="bf16" if b == 2 else "fp32", attn=attn, checkpointing=False, zero=0, device="cpu", loss_chunk=0,
         region_size=MS["region_size"], top_k=MS["top_k"], merge=MS["merge"],
     )
     plan = plan_one(plan_cfg, 0, "none", 1)
@@ -173,7 +173,7 @@ def test_prediction_matches_measured_peak(measured, attn, T, checkpointing):
     """Peak-RSS increase of a real forward + backward + AdamW step (tiny Llama, fp32, CPU) within 15%."""
     got = measured[(attn, T, checkpointing)]["increment_bytes"]
     cfg = PlanConfig(
-        shape_from_config(TINY, name="tiny"), T, lora=False, dtype="fp32", zero=0, device="cpu", attn=attn,
+        shape_from_config(TINY, name="tiny"), T, lora=False, dtype="fp32", zero=0, device="cpu", attn=attn, loss_chunk=0,
         checkpointing=checkpointing, region_size=MS["region_size"], top_k=MS["top_k"], merge=MS["merge"],
     )
     predicted = check_fit(cfg).increment_gib * GIB
