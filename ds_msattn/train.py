@@ -436,11 +436,26 @@ def train(cfg: RunConfig) -> None:
         bar.close()
     if writer is not None:
         writer.close()
+    if cfg.lora.enabled:
+        save_adapter(engine, cfg, rank)
     if cfg.checkpoint.export_merged:
         export(engine, cfg, hf_config, schedule, tokenizer, rank)
     if sp is not None and hasattr(sp, "close"):
         sp.close()
     _barrier()
+
+
+def save_adapter(engine, cfg: RunConfig, rank: int) -> None:
+    """peft adapter files at <output_dir>/adapter; only the trainable (adapter) parameters are gathered."""
+    import deepspeed
+
+    peft_model = engine.module.model
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        state = {k: v.detach().clone().cpu() for k, v in peft_model.state_dict().items()
+                 if "lora_" in k or "modules_to_save" in k} if rank == 0 else None
+    if rank == 0:
+        peft_model.save_pretrained(str(Path(cfg.output_dir) / "adapter"), state_dict=state)
 
 
 def export(engine, cfg: RunConfig, hf_config, schedule, tokenizer, rank: int) -> None:

@@ -43,7 +43,8 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-COMMON = ["--train.max_steps=4", "--checkpoint.interval=2", "--checkpoint.keep_last=2"]
+# alpha doubles every 2 steps here, so the resumed run must rebuild the rotary frequencies for alpha 4
+COMMON = ["--train.max_steps=4", "--checkpoint.interval=2", "--checkpoint.keep_last=2", "--positions.interval=2"]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,13 @@ def test_single_process_run_writes_metrics_checkpoints_config_and_tensorboard(re
         assert {"step", "loss", "lr", "tokens_per_s", "peak_memory_mib", "alpha", "shift"} <= set(r)
         assert r["tokens"] == 2 * 1024 and r["tokens_per_s"] > 0
     assert 4.0 < rows[0]["loss"] < 7.0 and rows[-1]["loss"] < rows[0]["loss"]  # ln(320) = 5.77 at random init
-    assert rows[0]["alpha"] == 2.0 and rows[-1]["alpha"] == 2.0  # growth interval 4: alpha 4 from step 5
+    assert [r["alpha"] for r in rows] == [2.0, 2.0, 4.0, 4.0]
     ckpts = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     assert ckpts == ["step_00000002", "step_00000004"]  # no leftover temp dirs
     assert (reference_run / "checkpoints" / "step_00000004" / "trainer_state.json").is_file()
+    adapter = json.loads((reference_run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj"]
+    assert (reference_run / "adapter" / "adapter_model.safetensors").is_file()
     resolved = (reference_run / "config.yaml").read_text()
     assert "micro_batch_size: 2" in resolved and "max_steps: 4" in resolved
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -98,7 +102,7 @@ def test_two_ranks_match_the_single_process_run(reference_run, tmp_path):
     out = tmp_path / "dp2"
     _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "--module",
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", "--train.micro_batch_size=1",
-          "--train.max_steps=2", "--checkpoint.save_final=false"], threads=1)
+          "--train.max_steps=2", "--checkpoint.save_final=false", "--positions.interval=2"], threads=1)
     ref, got = _metrics(reference_run)[:2], _metrics(out)
     assert [r["step"] for r in got] == [1, 2]
     assert [r["tokens"] for r in got] == [2048, 2048]
