@@ -65,8 +65,8 @@ def _attend_backward(do, q, k, v, o, lse, causal: bool, scale: float, fused: boo
 def _merge(o1, l1, o2, l2):
     """Outputs of two parts of one softmax -> ``(o, lse)`` (fp32 arithmetic)."""
     lse = torch.logaddexp(l1, l2)
-    o = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
-    return o, lse
+    o = o1.float() * torch.exp(l1 - lse)[..., None]
+    return o.addcmul_(o2.float(), torch.exp(l2 - lse)[..., None]), lse
 
 
 class _Geometry:
