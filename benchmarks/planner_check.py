@@ -134,7 +134,7 @@ def gpu_tables() -> str:
             f"{'on' if cfg.checkpointing else 'off'} | {cfg.loss_chunk or '-'} | {p.ds_config} | "
             f"{p.sequence_parallel_size} | {states:.1f} | {b['activations']:.1f} | {b['logits_and_loss']:.1f} | "
             f"{b['attention_workspace']:.1f} | {p.per_gpu_gib:.1f} | {p.host_gib:.1f} | {'yes' if p.fits else 'no'} |"
-        ).replace(f"| {p.ds_config} |", f"| {p.ds_config if p.fits else '(none fits; last tried ' + str(p.ds_config) + ')'} |", 1
+        ).replace(f"| {p.ds_config} |", f"| {p.ds_config if p.fits or cfg.zero else '(none fits; last tried ' + str(p.ds_config) + ')'}{' (searched)' if cfg.zero is None else ''} |", 1
         )
 
     head = (
@@ -143,14 +143,17 @@ def gpu_tables() -> str:
     )
     lines += ["### Llama2-7B, LoRA, bf16, one GPU", "", head]
     for mem in (40.0, 24.0):
-        for attn, ckpt, chunk in (
-            ("ms_attention", True, 0),
-            ("ms_attention", True, 2048),
-            ("ms_attention", False, 2048),
-            ("sdpa", True, 2048),
-            ("eager", True, 2048),
+        # the paper's setting (ZeRO-3 with CPU offload) with variations, then the planner's own choice
+        for attn, ckpt, chunk, zero, offload in (
+            ("ms_attention", True, 2048, 3, "cpu"),
+            ("ms_attention", True, 0, 3, "cpu"),
+            ("ms_attention", False, 2048, 3, "cpu"),
+            ("sdpa", True, 2048, 3, "cpu"),
+            ("eager", True, 2048, 3, "cpu"),
+            ("ms_attention", True, 2048, None, None),
         ):
-            cfg = PlanConfig("llama2-7b", 32768, gpus=1, gpu_mem_gib=mem, attn=attn, checkpointing=ckpt, loss_chunk=chunk)
+            cfg = PlanConfig("llama2-7b", 32768, gpus=1, gpu_mem_gib=mem, attn=attn, checkpointing=ckpt,
+                             loss_chunk=chunk, zero=zero, offload=offload)
             lines.append(row(cfg))
     lines += ["", "### Llama2-7B, LoRA, bf16, sequence parallel (8 GPUs per node, 80 GB)", "", head]
     for T, gpus in ((131072, 8), (262144, 8), (524288, 16), (1048576, 32), (1048576, 64)):

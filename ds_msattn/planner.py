@@ -25,9 +25,9 @@ Per-GPU memory of one training step (peak), broken down:
 - ``runtime``: on a GPU, 1 GiB for the CUDA context and library workspaces plus 5% of the dynamic memory for
   allocator fragmentation (assumptions, not measured here); 0 on the CPU device.
 
-On ``device="cpu"`` with ``zero=0`` the planner predicts what tests measure: the increase of a process's peak
-RSS over the loaded model during one forward + backward + AdamW step (``parameters`` is then excluded from
-``increment_gib``).
+On ``device="cpu"`` the planner's ``increment_gib`` is what tests measure: the increase of a process's peak RSS
+during one forward + backward + optimizer step in steady state (plain PyTorch with ``zero=0``, or a DeepSpeed
+engine with ``ds_configs/zero3_offload_cpu.json``), i.e. the peak less what persists between steps.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class Plan:
     offload: str
     gpu_mem_gib: float
     increment_gib: float
-    """per_gpu_gib without parameters and runtime: what a loaded process grows by (the measured quantity)"""
+    """per_gpu_gib less what persists between steps and runtime: what a loaded process grows by during a step
+    (the quantity measured on the CPU)"""
     nvme_gib: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
@@ -398,8 +399,11 @@ def plan_one(cfg: PlanConfig, zero: int, offload: str, sp: int) -> Plan:
     runtime = 0.0 if cfg.device == "cpu" else CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * (peak - states["parameters"])
     breakdown["runtime"] = runtime
     per_gpu = peak + runtime
-    # What a loaded process in steady state grows by during one step (parameters and optimizer states exist).
-    increment = peak - states["parameters"] - states["optimizer_states"]
+    # What a loaded process in steady state grows by during one step: everything but what persists between
+    # steps (parameter partitions, optimizer states, ZeRO's gradient partitions and buckets); ZeRO-3's gathered
+    # layer is allocated and released within the step.
+    gathered = 2 * b * s.largest_module_params() if zero == 3 else 0.0
+    increment = peak - persistent + gathered
     notes = []
     if cfg.attn == "sdpa" and sp > 1 and (s.num_heads % sp or s.num_kv_heads % sp):
         notes.append(f"Ulysses needs head counts divisible by sp={sp} (heads {s.num_heads}/{s.num_kv_heads})")

@@ -41,6 +41,24 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def _deepspeed_engine(model, optimizer, ds_config: str):
+    """``deepspeed.initialize`` with ``ds_configs/<ds_config>`` in a world of one process (gloo on CPU)."""
+    import socket
+    from pathlib import Path
+
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    config = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / ds_config).read_text())
+    config["train_micro_batch_size_per_gpu"] = 1
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
 def measure(spec: dict) -> dict:
     """One measured step. ``spec``: ``config`` (LlamaConfig kwargs), ``seq_len``, ``attn``, ``checkpointing``,
     optional ``ms_attention`` (dict), ``batch`` (1), ``threads`` (1), ``seed`` (0)."""
@@ -60,9 +78,19 @@ def measure(spec: dict) -> dict:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     B, T, V = int(spec.get("batch", 1)), int(spec["seq_len"]), config.vocab_size
+    engine = None
+    if spec.get("deepspeed"):  # a ds_configs/ file: ZeRO through a real DeepSpeed engine (single process)
+        engine = _deepspeed_engine(model, optimizer, spec["deepspeed"])
 
     def step(n: int, update: bool) -> float:
         ids = torch.randint(0, V, (B, n))
+        if engine is not None:
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            loss = float(out.loss)
+            del out
+            engine.step()  # DeepSpeed steps and clears gradients in one call
+            return loss
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         loss = float(out.loss)
@@ -80,7 +108,7 @@ def measure(spec: dict) -> dict:
     _reset_peak()
     loss = step(T, update=True)
     peak = _peak_bytes()
-    del model, optimizer
+    del model, optimizer, engine
     gc.collect()
     return {"baseline_bytes": baseline, "peak_bytes": peak, "increment_bytes": peak - baseline, "loss": loss}
 

@@ -159,6 +159,12 @@ MEASURED = [
 ]
 
 
+MEASURED_DEEPSPEED = [
+    pytest.param("ms_attention", 1024, True, id="zero3-offload-ms-1K-ckpt"),
+    pytest.param("ms_attention", 4096, False, id="zero3-offload-ms-4K-no-ckpt"),
+]
+
+
 @pytest.fixture(scope="module")
 def measured():
     """All measured steps in one fresh process (imports once); keyed by (attn, T, checkpointing)."""
@@ -167,16 +173,43 @@ def measured():
     return dict(zip(keys, _measure(specs)))
 
 
+@pytest.fixture(scope="module")
+def measured_deepspeed():
+    """Steps of a DeepSpeed ZeRO-3 engine with CPU parameter and optimizer offload (ds_configs/zero3_offload_cpu.json)."""
+    keys = [p.values for p in MEASURED_DEEPSPEED]
+    specs = [
+        dict(config=TINY, seq_len=T, attn=a, checkpointing=c, ms_attention=MS, deepspeed="zero3_offload_cpu.json")
+        for a, T, c in keys
+    ]
+    return dict(zip(keys, _measure(specs)))
+
+
+def _predicted_increment(attn: str, T: int, checkpointing: bool, zero: int, offload: str) -> float:
+    cfg = PlanConfig(
+        shape_from_config(TINY, name="tiny"), T, lora=False, dtype="fp32", zero=zero, offload=offload, device="cpu",
+        attn=attn, loss_chunk=0, checkpointing=checkpointing, region_size=MS["region_size"], top_k=MS["top_k"],
+        merge=MS["merge"],
+    )
+    plan = check_fit(cfg)
+    assert plan.ds_config == (None if zero == 0 else "zero3_offload_cpu.json")
+    return plan.increment_gib * GIB
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, T, checkpointing", MEASURED_DEEPSPEED)
+def test_prediction_matches_measured_peak_zero3_offload(measured_deepspeed, attn, T, checkpointing):
+    """The same under a real DeepSpeed ZeRO-3 offload engine (fp32, one CPU process): within 15%."""
+    got = measured_deepspeed[(attn, T, checkpointing)]["increment_bytes"]
+    predicted = _predicted_increment(attn, T, checkpointing, 3, "cpu")
+    assert predicted == pytest.approx(got, rel=0.15), f"predicted {predicted / 2**20:.1f} MiB, measured {got / 2**20:.1f} MiB"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attn, T, checkpointing", MEASURED)
 def test_prediction_matches_measured_peak(measured, attn, T, checkpointing):
     """Peak-RSS increase of a real forward + backward + AdamW step (tiny Llama, fp32, CPU) within 15%."""
     got = measured[(attn, T, checkpointing)]["increment_bytes"]
-    cfg = PlanConfig(
-        shape_from_config(TINY, name="tiny"), T, lora=False, dtype="fp32", zero=0, device="cpu", attn=attn, loss_chunk=0,
-        checkpointing=checkpointing, region_size=MS["region_size"], top_k=MS["top_k"], merge=MS["merge"],
-    )
-    predicted = check_fit(cfg).increment_gib * GIB
+    predicted = _predicted_increment(attn, T, checkpointing, 0, "none")
     assert predicted == pytest.approx(got, rel=0.15), f"predicted {predicted / 2**20:.1f} MiB, measured {got / 2**20:.1f} MiB"
 
 
