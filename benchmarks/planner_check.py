@@ -61,15 +61,18 @@ def measure_in_subprocess(specs: list[dict], timeout: float = 3600):
             proc.kill()
 
 
-def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict | None = None) -> float:
+def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict | None = None,
+            deepspeed: str | None = None) -> float:
     """The planner's increment (bytes) for the CPU setting of :func:`measure_in_subprocess`."""
     ms = ms or MS
+    zero, offload = (3, "cpu") if deepspeed else (0, "none")
     cfg = PlanConfig(
         model=shape_from_config(config, name="tiny"),
         seq_len=seq_len,
         lora=False,
         dtype="fp32",
-        zero=0,
+        zero=zero,
+        offload=offload,
         device="cpu",
         loss_chunk=0,  # the measured step uses transformers' own (unchunked) loss
         checkpointing=checkpointing,
@@ -78,10 +81,16 @@ def predict(config: dict, seq_len: int, attn: str, checkpointing: bool, ms: dict
         top_k=ms["top_k"],
         merge=ms["merge"],
     )
-    return plan_one(cfg, 0, "none", 1).increment_gib * GIB
+    return plan_one(cfg, zero, offload, 1).increment_gib * GIB
 
 
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool, deepspeed: bool = False) -> list[dict]:
+    if deepspeed:  # a real DeepSpeed ZeRO-3 engine with CPU parameter + optimizer offload (fp32)
+        return [
+            dict(name="tiny-llama-4L, ZeRO-3 offload", config=TINY, seq_len=T, attn=attn, checkpointing=ckpt,
+                 ms_attention=MS, deepspeed="zero3_offload_cpu.json")
+            for attn, T, ckpt in (("ms_attention", 1024, True), ("ms_attention", 4096, False), ("sdpa", 4096, True))
+        ]
     lengths = (1024, 4096)
     out = []
     for attn in ("sdpa", "ms_attention"):
@@ -97,15 +106,16 @@ def cases(quick: bool) -> list[dict]:
 FIELDS = ["model", "attn", "seq_len", "checkpointing", "predicted_mib", "measured_mib", "error_pct"]
 
 
-def check(quick: bool) -> list[dict]:
-    """Measure every case (rows appended to planner_check.csv as they arrive) and compare."""
+def check(quick: bool, deepspeed: bool = False) -> list[dict]:
+    """Measure every case (rows appended to the CSV as they arrive) and compare."""
     rows = []
-    specs = cases(quick)
-    with open(RESULTS / "planner_check.csv", "w", newline="") as f:
+    specs = cases(quick, deepspeed)
+    with open(RESULTS / f"planner_check{'_deepspeed' if deepspeed else ''}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for spec, got in zip(specs, measure_in_subprocess(specs)):
-            pred = predict(spec["config"], spec["seq_len"], spec["attn"], spec["checkpointing"], spec["ms_attention"])
+            pred = predict(spec["config"], spec["seq_len"], spec["attn"], spec["checkpointing"], spec["ms_attention"],
+                           spec.get("deepspeed"))
             row = dict(
                 model=spec["name"],
                 attn=spec["attn"],
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--deepspeed", action="store_true", help="only the DeepSpeed ZeRO-3 offload cases")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tables = gpu_tables()
@@ -176,14 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     print(tables)
     if args.tables_only:
         return 0
-    rows = check(args.quick)
+    rows = check(args.quick, args.deepspeed)
     md = ["| model | attention | T | checkpointing | predicted MiB | measured MiB | error % |", "|" + " --- |" * 7]
     md += [
         f"| {r['model']} | {r['attn']} | {r['seq_len']} | {r['checkpointing']} | {r['predicted_mib']} | "
         f"{r['measured_mib']} | {r['error_pct']:+} |"
         for r in rows
     ]
-    (RESULTS / "planner_check.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"planner_check{'_deepspeed' if args.deepspeed else ''}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -263,3 +263,14 @@ def test_bad_input_names_the_parameter(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         PlanConfig(**args)
+
+
+def test_settings_without_a_config_file_are_still_planned():
+    """ZeRO-2 without offload and NVMe offload have no file in ds_configs/: planned, ds_config None."""
+    z2 = check_fit(PlanConfig("mistral-7b", 8192, gpus=8, zero=2, offload="none", lora=False))
+    nvme = check_fit(PlanConfig("mistral-7b", 8192, gpus=8, zero=3, offload="nvme", lora=False))
+    assert z2.ds_config is None and (z2.zero, z2.offload) == (2, "none")
+    assert nvme.ds_config is None and nvme.nvme_gib > 0
+    # ZeRO-2 replicates the 16-bit parameters; NVMe moves them and the optimizer states off the GPU
+    assert z2.breakdown_gib["parameters"] == pytest.approx(2 * 7_241_732_096 / GIB, abs=1e-3)
+    assert nvme.breakdown_gib["optimizer_states"] == 0 and nvme.per_gpu_gib < z2.per_gpu_gib
