@@ -7,6 +7,7 @@ counts are checked against closed forms for selections that are known in advance
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -68,10 +69,77 @@ def _compare(rank, world, cases):
     return errors
 
 
+def _bytes(rank, world, shape):
+    from ds_msattn.parallel.region_shard import TrafficStats, region_sharded_attention
+
+    q, k, v, do, Tl = _inputs(shape, world, seed=1)
+    B, Hq, Hkv, T, D, c, K, m, s = shape
+    lo, hi = rank * Tl, (rank + 1) * Tl
+    ql, kl, vl = (x[:, :, lo:hi].clone().requires_grad_() for x in (q, k, v))
+    stats = TrafficStats()
+    out = region_sharded_attention(ql, kl, vl, region_size=c, top_k=K, merge=m, sink_regions=s, valid_len=T, stats=stats)
+    out.backward(do[:, :, lo:hi])
+    return stats.totals()
+
+
+BYTE_SHAPES = {
+    # (B, Hq, Hkv, Tl, D, c, K, m): every history fits, so rank r fetches every region of ranks < r
+    "dense": (2, 4, 2, 16, 8, 4, 64, 2),
+    # one history slot, taken by the sink: every rank r > 0 fetches region 0 only
+    "sink-only": (2, 4, 2, 16, 8, 4, 2, 1),
+}
+
+
+ULYSSES_SHAPE = (1, 8, 4, 203, 16, 4, 6, 2, 1)  # GQA, heads divisible by 2 and 4, T padded
+
+
+def _ulysses(rank, world, shape):
+    """DeepSpeed-Ulysses (DistributedAttention) with ms_attention locally vs single-process ms_attention."""
+    import torch.distributed as dist
+
+    from ds_msattn.attention import ms_attention
+    from ds_msattn.parallel.ulysses import UlyssesMSAttention
+
+    B, Hq, Hkv, T, D, c, K, m, s = shape
+    q, k, v, do, Tl = _inputs(shape, world, seed=2)
+    params = dict(region_size=c, top_k=K, merge=m, sink_regions=s)
+    qr, kr, vr = (x[:, :, :T].clone().requires_grad_() for x in (q, k, v))
+    ref = ms_attention(qr, kr, vr, **params)
+    ref.backward(do[:, :, :T])
+    lo, hi = rank * Tl, (rank + 1) * Tl
+    ql, kl, vl = (x[:, :, lo:hi].clone().requires_grad_() for x in (q, k, v))
+    attn = UlyssesMSAttention(dist.group.WORLD)
+    out = attn(ql, kl, vl, dict(params, scale=None), T)
+    n = max(0, min(hi, T) - lo)
+    dol = do[:, :, lo:hi].clone()
+    dol[:, :, n:] = 0
+    out.backward(dol)
+    return {
+        "out": (out[:, :, :n] - ref[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
+        "dq": (ql.grad[:, :, :n] - qr.grad[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
+        "dk": (kl.grad[:, :, :n] - kr.grad[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
+        "dv": (vl.grad[:, :, :n] - vr.grad[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
+        "bytes": attn.bytes_sent[0],
+    }
+
+
+def _all(rank, world):
+    """Everything one group of processes checks (process start-up dominates the cost: start once)."""
+    cases = [p.values[0] for p in CASES]
+    out = {"compare": _compare(rank, world, cases), "ulysses": _ulysses(rank, world, ULYSSES_SHAPE)}
+    for mode, (B, Hq, Hkv, Tl, D, c, K, m) in BYTE_SHAPES.items():
+        out[mode] = _bytes(rank, world, (B, Hq, Hkv, world * Tl, D, c, K, m, 1))
+    return out
+
+
+@functools.cache
+def _results(world):
+    return run_ranks(_all, world)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_region_shard_equals_single_process(world):
-    cases = [p.values[0] for p in CASES]
-    results = run_ranks(_compare, world, cases)
+    results = [r["compare"] for r in _results(world)]
     worst = {}
     for rank, per_rank in enumerate(results):
         for shape, errs, totals in per_rank:
@@ -87,29 +155,11 @@ def test_region_shard_equals_single_process(world):
     assert sent == recv and recv > 0
 
 
-def _bytes(rank, world, shape):
-    from ds_msattn.parallel.region_shard import TrafficStats, region_sharded_attention
-
-    q, k, v, do, Tl = _inputs(shape, world, seed=1)
-    B, Hq, Hkv, T, D, c, K, m, s = shape
-    lo, hi = rank * Tl, (rank + 1) * Tl
-    ql, kl, vl = (x[:, :, lo:hi].clone().requires_grad_() for x in (q, k, v))
-    stats = TrafficStats()
-    out = region_sharded_attention(ql, kl, vl, region_size=c, top_k=K, merge=m, sink_regions=s, valid_len=T, stats=stats)
-    out.backward(do[:, :, lo:hi])
-    return stats.totals()
-
-
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("mode", ["dense", "sink-only"])
 def test_region_shard_bytes_match_closed_form(world, mode):
-    B, Hq, Hkv, D, c = 2, 4, 2, 8, 4
-    if mode == "dense":
-        m, K, Tl = 2, 64, 16  # every history fits: rank r fetches every region of ranks < r
-    else:
-        m, K, Tl = 1, 2, 16  # one history slot, taken by the sink: every rank r > 0 fetches region 0 only
-    T = world * Tl
-    results = run_ranks(_bytes, world, (B, Hq, Hkv, T, D, c, K, m, 1))
+    B, Hq, Hkv, Tl, D, c, K, m = BYTE_SHAPES[mode]
+    results = [r[mode] for r in _results(world)]
     Rl = Tl // c
     region_bytes = c * 2 * D * 4  # one region of k and v, fp32
     for r, totals in enumerate(results):
@@ -126,3 +176,24 @@ def test_region_shard_bytes_match_closed_form(world, mode):
         assert totals["grad_recv"] == sent_regions * region_bytes
         assert totals["meta_sent"] == 8 * (world - 1) + 8 * recv_regions
         assert totals["kbar"] == (world - 1) * B * Hkv * Rl * D * 4
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_equals_single_process(world):
+    B, Hq, Hkv, T, D, c, K, m, s = ULYSSES_SHAPE
+    Tl = math.ceil(T / (world * m * c)) * m * c
+    for rank, res in enumerate(r["ulysses"] for r in _results(world)):
+        for name in ("out", "dq", "dk", "dv"):
+            assert res[name] < 2e-5, f"P={world} rank {rank}: {name} differs by {res[name]}"
+        # all-to-all of q, k, v, o: (P-1)/P of each local tensor leaves the rank
+        assert res["bytes"] == (2 * Hq + 2 * Hkv) * B * Tl * D * 4 * (world - 1) // world
+
+
+def test_ulysses_rejects_head_counts_not_divisible():
+    from ds_msattn.parallel.ulysses import check_heads
+
+    check_heads(8, 4, 4)
+    with pytest.raises(ValueError, match="sequence_parallel_size \\(2\\) to divide the number of attention heads \\(9\\)"):
+        check_heads(9, 3, 2)
+    with pytest.raises(ValueError, match="key/value heads \\(2\\)"):
+        check_heads(8, 2, 4)

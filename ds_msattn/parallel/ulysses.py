@@ -52,7 +52,12 @@ class UlyssesMSAttention:
     """
 
     def __init__(self, group):
+        import deepspeed
+        import deepspeed.comm
         from deepspeed.sequence.layer import DistributedAttention
+
+        if not deepspeed.comm.is_initialized():  # DistributedAttention talks through deepspeed.comm
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
         self.group = group
         self.local = _LocalMSAttention()
