@@ -274,3 +274,14 @@ def test_settings_without_a_config_file_are_still_planned():
     # ZeRO-2 replicates the 16-bit parameters; NVMe moves them and the optimizer states off the GPU
     assert z2.breakdown_gib["parameters"] == pytest.approx(2 * 7_241_732_096 / GIB, abs=1e-3)
     assert nvme.breakdown_gib["optimizer_states"] == 0 and nvme.per_gpu_gib < z2.per_gpu_gib
+
+
+def test_recommended_configs_exist_and_match_their_settings():
+    """Every file the planner recommends is in ds_configs/ with the ZeRO stage and offload it is planned as."""
+    from ds_msattn.planner import CPU_DS_CONFIG, DS_CONFIG_DIR, DS_CONFIGS
+
+    for name, zero, offload in DS_CONFIGS + ((CPU_DS_CONFIG, 3, "cpu"),):
+        cfg = json.loads((DS_CONFIG_DIR / name).read_text())["zero_optimization"]
+        assert cfg["stage"] == zero, name
+        device = cfg.get("offload_optimizer", {}).get("device", "none")
+        assert device == offload, name
