@@ -82,3 +82,27 @@ def test_cli_rejects_bad_arguments(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="rope_factor"):
         main(["ppl", "--model", str(tiny_dir), "--text-file", str(tiny_dir / "doc.txt"), "--context", "64",
               "--rope", "dynamic", "--rope-factor", "0.5", "--output", str(tmp_path / "x.json")])
+
+
+def test_adapter_is_merged(tiny_dir, tmp_path):
+    """--adapter: a peft adapter (LoRA on k/o plus saved embeddings and norms) gives the peft model's outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from ds_msattn.eval.loading import EvalModelSpec, load_eval_model
+    from ds_msattn.models import load_model
+
+    base = load_model(str(tiny_dir))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"],
+                                                 modules_to_save=["embed_tokens", "norm"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft_model.eval()(ids).logits
+        got = load_eval_model(EvalModelSpec(model=str(tiny_dir), adapter=str(tmp_path / "adapter")))(ids).logits
+        plain = load_model(str(tiny_dir)).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the adapter changed something

@@ -87,20 +87,27 @@ def test_bad_config():
         RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, scales=(2, 3))
 
 
-def _tiny_models(params):
+def _tiny_models(params, family="llama"):
     from transformers import AutoModelForCausalLM
 
-    from ds_msattn.models import tiny_llama_config
+    from ds_msattn.models import tiny_config
 
     torch.manual_seed(0)
-    cfg = tiny_llama_config()
+    cfg = tiny_config(family)
     cfg.ms_attention = dict(params)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="ms_attention").eval()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ms_attention").eval()
+    if family == "qwen2":  # non-zero q/k/v biases, so the runner must apply them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
 
 
-def test_runner_equals_transformers_ms_attention():
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_runner_equals_transformers_ms_attention(family):
     params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
-    model = _tiny_models(params)
+    model = _tiny_models(params, family)
     ids = torch.randint(0, 256, (1, 203), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(ids).logits[0]
