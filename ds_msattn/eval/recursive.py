@@ -283,7 +283,6 @@ class LayerState:
         if self.pending_k is not None:
             raise ValueError("prefill chunks must start at a block boundary (chunk a multiple of merge*region_size)")
         mc = self.cfg.merge * self.cfg.region_size
-        c = self.cfg.region_size
         outs = []
         for a in range(0, q.shape[2], mc):
             e = min(q.shape[2], a + mc)
@@ -292,7 +291,6 @@ class LayerState:
                 self._push_regions(k[:, :, a:e], v[:, :, a:e])
             else:  # the last, partial block stays pending for decoding
                 self.pending_k, self.pending_v = k[:, :, a:e].clone(), v[:, :, a:e].clone()
-        del c
         return torch.cat(outs, 2)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
