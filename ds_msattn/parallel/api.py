@@ -21,7 +21,6 @@ this with DeepSpeed's Ulysses HF path); ``update_ds_config`` reads the stage, so
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -33,7 +32,6 @@ from .ulysses import UlyssesMSAttention, check_heads
 
 IGNORE_INDEX = -100
 MODES = ("region", "ulysses")
-logger = logging.getLogger(__name__)
 
 
 def _hf_config(model):
@@ -144,8 +142,9 @@ class SequenceParallel:
             raise ValueError("call update_ds_config(ds_config) before training: the loss factor depends on the ZeRO stage")
         _, total = self._global_counts(loss_sum, n_tokens)
         if not self._logged and dist.get_rank() == 0:
-            logger.info("sequence parallel (%s, P=%d): bytes per rank for one micro-batch on rank 0: %s",
-                        self.mode, self.sp_size, self.traffic())
+            # once per run: what one micro-batch moved (all layers, forward incl. checkpoint recomputes)
+            print(f"sequence parallel ({self.mode}, P={self.sp_size}): bytes of rank 0 for one micro-batch: "
+                  f"{self.traffic()}", flush=True)
             self._logged = True
         return loss_sum * (self.grad_divisor / max(total, 1.0))
 
