@@ -41,10 +41,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .planner_presets import ModelShape, resolve_shape
-
 from .attention.selection import SCORE_BUDGET
 from .attention.torch_path import CHUNK_BUDGET
+from .planner_presets import ModelShape, resolve_shape
 
 GIB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
@@ -282,13 +281,6 @@ def _per_token_layer_bytes(cfg: PlanConfig, T: int) -> float:
     mlp = 4 * i * b  # gate out, SiLU out, up out, product
     lora = 2 * cfg.lora_rank * b if cfg.lora else 0
     return norms + attn + mlp + lora
-
-
-def _layer_backward_bytes(cfg: PlanConfig) -> float:
-    """Per-token gradients alive while one layer runs backward (MLP phase: three [T, i] and two [T, h])."""
-    s = cfg.model
-    b = 2 if cfg.dtype == "bf16" else 4
-    return b * (3 * s.intermediate_size + 2 * s.hidden_size)
 
 
 def attention_workspace_bytes(cfg: PlanConfig, tokens: int, seq_len: int, sp: int) -> tuple[float, float]:
