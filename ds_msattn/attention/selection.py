@@ -15,8 +15,8 @@ import math
 
 import torch
 
-# Score matrices of about this many elements (8x on CUDA) are materialised at once (block-chunked selection).
-SCORE_BUDGET = 1 << 22
+# Score matrices of about this many elements (32x on CUDA) are materialised at once (block-chunked selection).
+SCORE_BUDGET = 1 << 20
 
 
 def region_means(x: torch.Tensor, region_size: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def select_regions(
 
     region_ids = torch.arange(R, device=device)
     if score_budget is None:
-        score_budget = SCORE_BUDGET * (8 if q.is_cuda else 1)  # fewer, larger chunks keep a GPU busy
+        score_budget = SCORE_BUDGET * (32 if q.is_cuda else 1)  # fewer, larger chunks keep a GPU busy
     chunk = max(1, score_budget // max(1, B * Hq * m * R))
     sink_ids = torch.arange(sinks, device=device)
     for b0 in range(dense_blocks, NB, chunk):

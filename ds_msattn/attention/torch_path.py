@@ -10,7 +10,7 @@ history is short, differ), and the causal part uses the kernel's own causal mode
 PyTorch's fused flash kernel; backward calls its fused backward for each part with the merged output
 and log-sum-exp, which yields exactly the partial gradients of the one softmax (no forward recompute).
 Elsewhere (or when ``Dv != D``) a plain-matmul version does the same in fp32. Gradients of gathered
-keys and values are added back with ``index_add_`` into fp32 buffers.
+keys and values are added back with ``index_put_(accumulate=True)`` into fp32 buffers.
 
 Memory: inputs, output, ``lse [B, Hq, T]`` and ``sel [B, Hq, NB, K-m]``, plus one chunk's gathered
 tiles (bounded by ``CHUNK_BUDGET`` elements): ``O(T*D + (T/c)*K)``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 # Elements of gathered keys (and, on the generic path, of scores) that one chunk may hold.
-CHUNK_BUDGET = 1 << 22
+CHUNK_BUDGET = 1 << 21
 
 
 def _use_cpu_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -120,7 +120,9 @@ class _Geometry:
     def add_gathered(self, grad_x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``g [B*Hq, nb, s*c, E]`` (gradient of :meth:`gather`) into ``grad_x [B, Hkv, Tp, E]``."""
         E = g.shape[-1]
-        grad_x.view(self.B * self.Hkv * self.Rp, self.c * E).index_add_(0, rows, g.reshape(-1, self.c * E).to(grad_x.dtype))
+        # index_put_ with accumulate: on CPU about 2x faster than index_add_ / scatter_add_ for rows of c*E.
+        flat = grad_x.view(self.B * self.Hkv * self.Rp, self.c * E)
+        flat.index_put_((rows,), g.reshape(-1, self.c * E).to(grad_x.dtype), accumulate=True)
 
     def add_local(self, grad_x: torch.Tensor, g: torch.Tensor, b0: int, b1: int) -> None:
         """Add ``g [B*Hq, nb, mc, E]`` (gradient of :meth:`local`) into ``grad_x [B, Hkv, Tp, E]``."""
