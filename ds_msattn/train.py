@@ -333,6 +333,9 @@ def train(cfg: RunConfig) -> None:
         model=wrapper, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor), config=ds_config, **init_kwargs)
     device = engine.device
+    # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing;
+    # train mode changes nothing else here (no dropout: attention_dropout is 0, LoRA dropout defaults to 0)
+    engine.train()
 
     if sp is not None:
         dp_rank, dp_size = getattr(sp, "dp_rank", rank // cfg.parallel.sequence_parallel_size), \
