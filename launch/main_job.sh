@@ -42,7 +42,7 @@ ppl base_dense_plain --model smollm2 --attn sdpa --rope none
 ppl base_ms_ntk --model smollm2 --attn ms_attention --rope crd-ntk --rope-factor 3
 ppl tuned_ms --model "$OUT/merged" --attn ms_attention --rope none
 ppl tuned_dense --model "$OUT/merged" --attn sdpa --rope none
-$PY - "$OUT" <<'PYEOF'
+$PY - "$OUT" "$CTX" <<'PYEOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -50,7 +50,7 @@ rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 print("\nstep  loss     step time   tokens/s  peak RSS")
 for r in rows:
     print(f"{r['step']:>4}  {r['loss']:.4f}  {r['step_time_s']:8.1f} s  {r['tokens_per_s']:8.1f}  {r['peak_memory_mib']:.0f} MiB")
-print("\nperplexity at 16K on the held-out work (native context of SmolLM2: 8K)")
+print(f"\nperplexity at a {sys.argv[2]}-token context on the held-out work (native context of SmolLM2: 8K)")
 for label, text in [("base_dense_plain", "base model, dense attention, plain RoPE"),
                     ("base_ms_ntk", "base model, MS attention, CRD-NTK base (no training)"),
                     ("tuned_ms", "fine-tuned (merged), MS attention"),
