@@ -285,6 +285,34 @@ def _sequence_parallel(cfg: RunConfig, model):
     return setup_sequence_parallel(cfg, model)
 
 
+def warn_if_it_will_not_fit(cfg: RunConfig, hf_config, ds_config: dict, world: int) -> None:
+    """Rank 0: run the memory planner on this setting and warn when it predicts the run will not fit."""
+    from .planner import PlanConfig, check_fit
+    from .planner_presets import shape_from_config
+
+    zero = ds_config.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") if zero.get("stage", 0) else "none"
+    if torch.cuda.is_available():
+        device, memory = "gpu", torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        device, memory = "cpu", psutil.virtual_memory().total / max(1, local)
+    attention = cfg.attention
+    plan = check_fit(PlanConfig(
+        model=shape_from_config(hf_config), seq_len=cfg.data.seq_len, gpus=world, gpu_mem_gib=memory / 2**30,
+        sp=cfg.parallel.sequence_parallel_size, lora=cfg.lora.enabled,
+        dtype="bf16" if cfg.model.dtype == "bfloat16" else "fp32", zero=int(zero.get("stage", 0)),
+        offload=offload if offload in ("none", "cpu", "nvme") else "none",
+        checkpointing=cfg.model.gradient_checkpointing, attn=attention.implementation,
+        region_size=attention.region_size, top_k=attention.top_k, merge=attention.merge, device=device))
+    if not plan.fits:
+        print(f"[ds_msattn] WARNING: the memory planner predicts {plan.per_gpu_gib:.1f} GiB per "
+              f"{'GPU' if device == 'gpu' else 'rank'} against {plan.gpu_mem_gib:.1f} GiB available: this run may not "
+              f"fit (see `ds-msattn plan --help`; breakdown {plan.breakdown_gib})", flush=True)
+
+
 def train(cfg: RunConfig) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -323,6 +351,8 @@ def train(cfg: RunConfig) -> None:
     if sp is not None:
         sp.update_ds_config(ds_config)
         init_kwargs = sp.initialize_kwargs()
+    if rank == 0 and cfg.attention.implementation in ("ms_attention", "sdpa", "eager"):
+        warn_if_it_will_not_fit(cfg, hf_config, ds_config, world)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = None
     if cfg.train.optimizer == "torch_adamw":
@@ -517,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         if dist.is_initialized():
             dist.destroy_process_group()
+        mpi = sys.modules.get("mpi4py.MPI")  # launched by mpirun: finalise, or OpenMPI reports a failure
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
         os._exit(code)
 
 
