@@ -79,8 +79,6 @@ def select_regions(
     """
     _validate_params(region_size, top_k, merge, sink_regions)
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
     c, m = region_size, merge
     R = math.ceil(T / c)
     NB = math.ceil(R / m)
@@ -109,38 +107,69 @@ def select_regions(
     if Rp > R:
         fill = qbar[:, :, (NB - 1) * m : (NB - 1) * m + 1].expand(B, Hq, Rp - R, D)
         qbar = torch.cat([qbar, fill], dim=2)
-    qbar_g = qbar.view(B, Hkv, G, NB, m, D)
-
-    region_ids = torch.arange(R, device=device)
-    if score_budget is None:
-        score_budget = SCORE_BUDGET * (32 if q.is_cuda else 1)  # fewer, larger chunks keep a GPU busy
-    chunk = max(1, score_budget // max(1, B * Hq * m * R))
-    sink_ids = torch.arange(sinks, device=device)
-    for b0 in range(dense_blocks, NB, chunk):
-        b1 = min(NB, b0 + chunk)
-        nb = b1 - b0
-        # scores[b, g, gi, blk, i, j] = qbar[h, i] . kbar[g, j]   (no scale)
-        cols = (b1 - 1) * m  # history of the chunk's last block: no later region is a candidate
-        qs = qbar_g[:, :, :, b0:b1].reshape(B, Hkv, G * nb * m, D)
-        scores = torch.matmul(qs, kbar[:, :, :cols].transpose(-1, -2)).view(B, Hq, nb, m, cols)
-        keys = _order_key(scores)
-        # Candidates of block b: sinks <= j < b*m.
-        limit = torch.arange(b0, b1, device=device)[:, None] * m  # [nb, 1]
-        ids = region_ids[None, :cols]
-        valid = (ids >= sinks) & (ids < limit)  # [nb, cols]
-        keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
-        ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nb, m, n]
-        # Rank-major reading: rank 0 of every region of the block, then rank 1, ...
-        stream = ranked.transpose(-1, -2).reshape(B, Hq, nb, n * m)
-        L = n * m
-        first = torch.full((B, Hq, nb, cols), L, dtype=torch.int64, device=device)
-        pos = torch.arange(L, device=device).expand_as(stream)
-        first.scatter_reduce_(-1, stream, pos, reduce="amin")
-        chosen = first.topk(n, dim=-1, largest=False).indices if n > 0 else first[..., :0]
-        rows = torch.cat([sink_ids.expand(B, Hq, nb, sinks), chosen], dim=-1)
-        sel[:, :, b0:b1] = rows.sort(dim=-1).values
+    blocks = torch.arange(dense_blocks, NB, device=device)
+    qbar_blocks = qbar.view(B, Hq, NB, m, D)[:, :, dense_blocks:]
+    sel[:, :, dense_blocks:] = select_history(
+        qbar_blocks, kbar, blocks, merge=m, sinks=sinks, n=n, score_budget=score_budget
+    )
     return sel
 
+
+def select_history(
+    qbar_blocks: torch.Tensor,
+    kbar: torch.Tensor,
+    blocks: torch.Tensor,
+    *,
+    merge: int,
+    sinks: int,
+    n: int,
+    score_budget: int | None = None,
+) -> torch.Tensor:
+    """The select-and-merge rule for blocks whose history exceeds the budget (``b*m > sinks + n``).
+
+    Args:
+        qbar_blocks: ``[B, Hq, nb, m, D]`` query-region summaries of the blocks (regions past the end replaced
+            by their block's first region: its candidate list only repeats entries already read in the same round).
+        kbar: ``[B, Hkv, R, D]`` key-region summaries (global ids).
+        blocks: ``[nb]`` ascending global block ids.
+
+    Returns:
+        ``[B, Hq, nb, sinks + n]`` region ids, ascending. Scores are made chunk by chunk of blocks, each against
+        only the history columns it can select, about ``score_budget`` elements at a time.
+    """
+    B, Hq, nb, m, D = qbar_blocks.shape
+    Hkv, R = kbar.shape[1], kbar.shape[2]
+    G = Hq // Hkv
+    device = qbar_blocks.device
+    if score_budget is None:
+        score_budget = SCORE_BUDGET * (32 if qbar_blocks.is_cuda else 1)  # fewer, larger chunks keep a GPU busy
+    chunk = max(1, score_budget // max(1, B * Hq * m * R))
+    region_ids = torch.arange(R, device=device)
+    sink_ids = torch.arange(sinks, device=device)
+    qbar_g = qbar_blocks.reshape(B, Hkv, G, nb, m, D)
+    out = torch.empty(B, Hq, nb, sinks + n, dtype=torch.int64, device=device)
+    for i0 in range(0, nb, chunk):
+        i1 = min(nb, i0 + chunk)
+        ids = blocks[i0:i1]
+        cols = int(ids[-1]) * m  # history of the chunk's last block: no later region is a candidate
+        # scores[b, h, blk, i, j] = qbar[h, i] . kbar[g, j]   (no scale)
+        qs = qbar_g[:, :, :, i0:i1].reshape(B, Hkv, G * (i1 - i0) * m, D)
+        scores = torch.matmul(qs, kbar[:, :, :cols].transpose(-1, -2)).view(B, Hq, i1 - i0, m, cols)
+        keys = _order_key(scores)
+        # Candidates of block b: sinks <= j < b*m.
+        candidates = region_ids[None, :cols]
+        valid = (candidates >= sinks) & (candidates < ids[:, None] * m)  # [nb, cols]
+        keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
+        ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nb, m, n]
+        # Rank-major reading: rank 0 of every region of the block, then rank 1, ...; the first n distinct.
+        stream = ranked.transpose(-1, -2).reshape(B, Hq, i1 - i0, n * m)
+        L = n * m
+        first = torch.full((B, Hq, i1 - i0, cols), L, dtype=torch.int64, device=device)
+        first.scatter_reduce_(-1, stream, torch.arange(L, device=device).expand_as(stream), reduce="amin")
+        chosen = first.topk(n, dim=-1, largest=False).indices if n > 0 else first[..., :0]
+        rows = torch.cat([sink_ids.expand(B, Hq, i1 - i0, sinks), chosen], dim=-1)
+        out[:, :, i0:i1] = rows.sort(dim=-1).values
+    return out
 
 def selected_counts(T: int, *, region_size: int, top_k: int, merge: int) -> torch.Tensor:
     """Number of valid (non -1) entries in each block's row of :func:`select_regions` -> ``[NB]``."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ds_msattn.attention.selection import _order_key, _validate_params
+from ds_msattn.attention.selection import _validate_params, select_history
 from ds_msattn.attention.torch_path import MSAttentionFunction
 
 
@@ -91,8 +91,6 @@ def select_global(
         ``sel [B, Hq, nb, top_k - merge]`` int64 global region ids, ascending, -1 padded.
     """
     B, Hq, Rl, D = qbar.shape
-    Hkv, Rg = kbar.shape[1], kbar.shape[2]
-    G = Hq // Hkv
     m = merge
     nb = Rl // m
     budget = top_k - m
@@ -117,25 +115,9 @@ def select_global(
     block_first = (torch.arange(Rl, device=device) // m) * m
     src = torch.where(region_global < n_real_regions, torch.arange(Rl, device=device), block_first)
     qbar = qbar.index_select(2, src)
-    qbar_g = qbar.view(B, Hkv, G, nb, m, D)
-    region_ids = torch.arange(Rg, device=device)
-    sink_ids = torch.arange(sinks, device=device)
-    nbs = nb - i0
-    qs = qbar_g[:, :, :, i0:].reshape(B, Hkv, G * nbs * m, D)
-    scores = torch.matmul(qs, kbar.transpose(-1, -2)).view(B, Hq, nbs, m, Rg)
-    keys = _order_key(scores)
-    limit = blocks[i0:, None] * m  # [nbs, 1]
-    valid = (region_ids[None, :] >= sinks) & (region_ids[None, :] < limit)
-    keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
-    ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nbs, m, n]
-    stream = ranked.transpose(-1, -2).reshape(B, Hq, nbs, n * m)
-    L = n * m
-    first = torch.full((B, Hq, nbs, Rg), L, dtype=torch.int64, device=device)
-    pos = torch.arange(L, device=device).expand_as(stream)
-    first.scatter_reduce_(-1, stream, pos, reduce="amin")
-    chosen = first.topk(n, dim=-1, largest=False).indices if n > 0 else first[..., :0]
-    rows = torch.cat([sink_ids.expand(B, Hq, nbs, sinks), chosen], dim=-1)
-    sel[:, :, i0:] = rows.sort(dim=-1).values
+    sel[:, :, i0:] = select_history(
+        qbar.view(B, Hq, nb, m, D)[:, :, i0:], kbar, blocks[i0:], merge=m, sinks=sinks, n=n
+    )
     return sel
 
 
