@@ -520,6 +520,11 @@ def export(engine, cfg: RunConfig, hf_config, schedule, tokenizer, rank: int) ->
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit the process (os._exit) once distributed was initialised. Returns 2 on bad config."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: ds-msattn train --config FILE [--section.key=VALUE ...] [--resume=auto|none|DIR]\n")
+        print(__doc__)
+        print("Sections and keys (defaults and docs): ds_msattn/config.py; recipes: ds_configs/recipes/.")
+        return 0
     try:
         config_path, local_rank, overrides = split_argv(argv)
         cfg = load_config(config_path, overrides)
