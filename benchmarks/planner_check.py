@@ -16,20 +16,10 @@ import sys
 from pathlib import Path
 
 from ds_msattn.planner import GIB, PlanConfig, check_fit, plan_one
+from ds_msattn.planner_measure import MS, TINY
 from ds_msattn.planner_presets import shape_from_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TINY = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=65536,
-    tie_word_embeddings=False,
-)
-MS = {"region_size": 16, "top_k": 8, "merge": 4, "sink_regions": 1}
 # SmolLM2-135M's shape (random init: memory does not depend on the weights' values).
 SMOLLM2 = dict(
     hidden_size=576,

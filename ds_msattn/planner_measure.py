@@ -20,6 +20,19 @@ import json
 import os
 import sys
 
+# The tiny Llama and MS setting that the planner tests and benchmarks measure.
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=65536,
+    tie_word_embeddings=False,
+)
+MS = {"region_size": 16, "top_k": 8, "merge": 4, "sink_regions": 1}
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -13,19 +13,9 @@ import pytest
 import torch
 
 from ds_msattn.planner import GIB, PlanConfig, _per_token_layer_bytes, check_fit, main, model_state_bytes
+from ds_msattn.planner_measure import MS, TINY
 from ds_msattn.planner_presets import PRESETS, resolve_shape, shape_from_config
 
-TINY = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=65536,
-    tie_word_embeddings=False,
-)
-MS = {"region_size": 16, "top_k": 8, "merge": 4, "sink_regions": 1}
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from subprocess_env import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
@@ -47,21 +46,8 @@ def _ds_json(tmp: Path, stage: int) -> Path:
     return path
 
 
-def _env(threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], threads: int) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(threads), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{cmd}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 
 
@@ -98,7 +84,7 @@ def test_sp2_matches_single_process_losses(tmp_path, mode, stage):
     if (mode, stage) in COVERED:
         pytest.skip(f"{mode} under ZeRO-{stage} already matched through the SLURM launch test")
     out = tmp_path / f"{mode}{stage}"
-    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "--module",
+    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", f"--deepspeed.config={_ds_json(tmp_path, stage)}",
           "--parallel.sequence_parallel_size=2", f"--parallel.sp_mode={mode}", *SGD], threads=1)
     check_losses(_losses(out), f"{mode} ZeRO-{stage}")

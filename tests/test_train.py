@@ -6,35 +6,21 @@ steps 3-4 exactly, and 2 data-parallel ranks (micro batch 1 each: the same globa
 """
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subprocess_env import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
 
 
-def _env(threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], threads: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(threads), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     return proc
 
@@ -100,7 +86,7 @@ def test_resume_auto_reproduces_the_uninterrupted_losses_exactly(reference_run, 
 @pytest.mark.slow
 def test_two_ranks_match_the_single_process_run(reference_run, tmp_path):
     out = tmp_path / "dp2"
-    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "--module",
+    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", "--train.micro_batch_size=1",
           "--train.max_steps=2", "--checkpoint.save_final=false", "--positions.interval=2"], threads=1)
     ref, got = _metrics(reference_run)[:2], _metrics(out)
@@ -112,7 +98,7 @@ def test_two_ranks_match_the_single_process_run(reference_run, tmp_path):
 
 def test_bad_config_exits_with_an_error_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ds_msattn.train", "--config", str(RECIPE),
-                           f"--output_dir={tmp_path}", "--attention.merge=100"], cwd=ROOT, env=_env(2),
+                           f"--output_dir={tmp_path}", "--attention.merge=100"], cwd=ROOT, env=clean_env(2),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "attention.merge" in proc.stderr
