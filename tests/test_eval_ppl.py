@@ -106,6 +106,23 @@ def test_crd_ntk_inference_base(length, alpha):
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, 1.0 / base2 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16), rtol=1e-6, atol=0)
 
 
+def test_crd_ntk_fixed_target_length():
+    """rope_length fixes L: every input length gets the base of L (the base a CRD-NTK fine-tune trained with)."""
+    from ds_msattn.eval.loading import EvalModelSpec, prepare_length
+
+    model = _tiny()  # L0 = 4096, head dim 16, theta 1e4
+    spec = EvalModelSpec(rope="crd-ntk", rope_factor=1.0, rope_length=16384)
+    want_base = 1e4 * (16384 / 4096) ** (16 / 14)  # alpha 1: b * (L / L0) ** (d / (d - 2))
+    want = 1.0 / want_base ** (torch.arange(0, 16, 2, dtype=torch.float) / 16)
+    for length in (1000, 4096, 50000):
+        prepare_length(model, spec, length)
+        torch.testing.assert_close(model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
+    for bad in (dict(rope="crd-ntk", rope_length=0), dict(rope="crd-ntk", rope_length=2.5),
+                dict(rope="dynamic", rope_length=8192)):
+        with pytest.raises(ValueError, match="rope_length"):
+            EvalModelSpec(**bad)
+
+
 def test_dense_repeat_kv_equals_sdpa():
     """The CUDA dense path (KV heads repeated) is the same maths as transformers' sdpa (checked on CPU)."""
     from ds_msattn.eval.loading import _dense_repeat_kv

@@ -39,6 +39,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "reference"], help="ms_attention backend")
     p.add_argument("--rope", default="none", choices=["none", "dynamic", "crd-ntk"])
     p.add_argument("--rope-factor", type=float, default=4.0, help="NTK alpha for dynamic / crd-ntk")
+    p.add_argument("--rope-length", type=int, default=None,
+                   help="crd-ntk: fixed target length L of the base (default: each input's own length)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in fp32 either way)")
     p.add_argument("--output", required=True, help="JSON results file (a PNG is written beside it)")
@@ -84,7 +86,7 @@ def _spec(args):
     ms = dict(region_size=args.region_size, top_k=args.top_k, merge=args.merge, sink_regions=args.sink_regions,
               backend=args.backend)
     return EvalModelSpec(model=args.model, adapter=args.adapter, attention=args.attn, ms_params=ms, rope=args.rope,
-                         rope_factor=args.rope_factor)
+                         rope_factor=args.rope_factor, rope_length=args.rope_length)
 
 
 def _texts(args) -> dict[str, str]:

@@ -6,7 +6,7 @@ RoPE choices (DESIGN.md, CRD-NTK):
   whenever it passes the model's ``max_position_embeddings``; ``factor`` is alpha).
 - ``crd-ntk``: CRD-NTK inference mode: no wrap, no shift; one static base for the target length L,
   ``b' = b * (alpha * L / L0 - (alpha - 1)) ** (d / (d - 2))`` with L0 the model's context (L is
-  taken as at least L0, so short inputs keep the original base). During prefill of a window of L
+  taken as at least L0, so short inputs keep the original base; ``rope_length`` fixes L instead). During prefill of a window of L
   tokens this equals "dynamic" with the same factor; it differs while decoding past L (fixed base).
 """
 
@@ -36,6 +36,9 @@ class EvalModelSpec:
     """``none``, ``dynamic`` or ``crd-ntk``"""
     rope_factor: float = 4.0
     """NTK alpha for ``dynamic`` and ``crd-ntk``"""
+    rope_length: int | None = None
+    """``crd-ntk`` only: the target length L of the base (default: each input's own length, at least L0).
+    A fixed L gives one base for every input, e.g. the base a CRD-NTK fine-tune trained with."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -44,6 +47,11 @@ class EvalModelSpec:
             raise ValueError(f"rope must be one of {ROPE_MODES}, got {self.rope!r}")
         if not self.rope_factor >= 1.0:
             raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor!r}")
+        if self.rope_length is not None:
+            if self.rope != "crd-ntk":
+                raise ValueError(f"rope_length applies to rope 'crd-ntk' only, got rope {self.rope!r}")
+            if isinstance(self.rope_length, bool) or not isinstance(self.rope_length, int) or self.rope_length < 1:
+                raise ValueError(f"rope_length must be a positive integer (tokens), got {self.rope_length!r}")
 
     def describe(self) -> str:
         attn = self.attention
@@ -51,6 +59,8 @@ class EvalModelSpec:
             p = self.ms_params
             attn += f"(c={p['region_size']},K={p['top_k']},m={p['merge']},s={p.get('sink_regions', 1)})"
         rope = self.rope if self.rope == "none" else f"{self.rope}(alpha={self.rope_factor:g})"
+        if self.rope_length is not None:
+            rope = rope[:-1] + f",L={self.rope_length})"
         return f"{attn}, rope {rope}" + (f", adapter {self.adapter}" if self.adapter else "")
 
 
@@ -127,4 +137,5 @@ def prepare_length(model, spec: EvalModelSpec, length: int) -> None:
 
     cfg = model.config
     original = int((cfg.rope_parameters or {}).get("original_max_position_embeddings") or cfg.max_position_embeddings)
-    set_inference_positions(model, cfg, alpha=spec.rope_factor, cycle_length=max(length, original))
+    target = spec.rope_length if spec.rope_length is not None else max(length, original)
+    set_inference_positions(model, cfg, alpha=spec.rope_factor, cycle_length=target)
