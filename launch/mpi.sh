@@ -14,4 +14,4 @@ if .venv/bin/mpirun --version 2>&1 | grep -qi "open mpi"; then
   extra+=(--oversubscribe -x TORCH_EXTENSIONS_DIR -x OMP_NUM_THREADS -x PATH)
 fi
 # shellcheck disable=SC2086
-exec .venv/bin/mpirun -np "$NPROC" "${extra[@]}" ${MPI_ARGS:-} .venv/bin/python launch/mpi_entry.py "$@"
+exec .venv/bin/mpirun -np "$NPROC" "${extra[@]}" ${MPI_ARGS:-} .venv/bin/python -m ds_msattn.train "$@"

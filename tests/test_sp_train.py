@@ -55,7 +55,8 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# (mode, ZeRO stage) cases already checked by another test of this session (tests/test_launch_slurm.py runs
+# (mode, ZeRO stage) cases already checked by another test of this session (tests/test_launch_mpi.py runs Ulysses
+# under ZeRO-2 through mpirun, tests/test_launch_slurm.py runs
 # region sharding under ZeRO-3 through the SLURM sbatch script: the same check, through a real launcher).
 COVERED: set[tuple[str, int]] = set()
 
@@ -82,7 +83,7 @@ def check_losses(got: list[float], what: str) -> None:
 @pytest.mark.parametrize("mode", ["region", "ulysses"])
 def test_sp2_matches_single_process_losses(tmp_path, mode, stage):
     if (mode, stage) in COVERED:
-        pytest.skip(f"{mode} under ZeRO-{stage} already matched through the SLURM launch test")
+        pytest.skip(f"{mode} under ZeRO-{stage} already matched through a launcher test (MPI or SLURM)")
     out = tmp_path / f"{mode}{stage}"
     _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", f"--deepspeed.config={_ds_json(tmp_path, stage)}",
