@@ -31,6 +31,11 @@ ROWS = {
     "ms": ("ms_attention c16 K64 m16 s1, CRD-NTK inference alpha 4",
            ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1",
             "--rope", "crd-ntk", "--rope-factor", "4"]),
+    # the control for a fine-tune of ds_configs/recipes/smollm2_16k.yaml: the same fixed base it trained with
+    # (alpha0 1, cycle 32768: b * 4 ** (d / (d - 2))), no training
+    "ms_fixed": ("ms_attention c16 K64 m16 s1, fixed CRD-NTK base of the recipe (alpha 1, L 32K), no fine-tune",
+                 ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions",
+                  "1", "--rope", "crd-ntk", "--rope-factor", "1", "--rope-length", "32768"]),
 }
 
 
@@ -47,6 +52,8 @@ def main() -> int:
                     help="add a row with this merged fine-tuned model directory (ms_attention, its own RoPE)")
     ap.add_argument("--passkey-rows", default=None, help="rows that also run passkey (default: all rows)")
     ap.add_argument("--name", default="eval_smollm2_table", help="file stem of the table, plot and JSON folder")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a row's JSON when it was written by the same command (finish an interrupted table)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT.parent))
@@ -74,11 +81,15 @@ def main() -> int:
                    "--output", str(ppl_json.relative_to(ROOT.parent) if ppl_json.is_relative_to(ROOT.parent) else ppl_json)]
         pk_cmd = ["passkey", *common, "--lengths", a.lengths, "--trials", str(a.trials), "--seed", "0",
                   "--output", str(pk_json.relative_to(ROOT.parent) if pk_json.is_relative_to(ROOT.parent) else pk_json)]
-        for cmd in (ppl_cmd, pk_cmd) if key in passkey_rows else (ppl_cmd,):
+        for cmd, path in ((ppl_cmd, ppl_json), (pk_cmd, pk_json)) if key in passkey_rows else ((ppl_cmd, ppl_json),):
+            line = "ds-msattn eval " + shlex.join(cmd)
+            if a.reuse and path.exists() and json.loads(path.read_text()).get("command") == line:
+                commands.append(f"{line}  # {json.loads(path.read_text())['seconds_total']:.0f} s")
+                continue
             t0 = time.perf_counter()
-            print("ds-msattn eval " + shlex.join(cmd), flush=True)
+            print(line, flush=True)
             eval_main(cmd)
-            commands.append(f"ds-msattn eval {shlex.join(cmd)}  # {time.perf_counter() - t0:.0f} s")
+            commands.append(f"{line}  # {time.perf_counter() - t0:.0f} s")
         ppl[key] = json.loads(ppl_json.read_text())
         if key in passkey_rows:
             pk[key] = json.loads(pk_json.read_text())
