@@ -25,17 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
+MS_FLAGS = ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1"]
 ROWS = {
     "dense": ("dense (sdpa), plain RoPE", ["--attn", "sdpa", "--rope", "none"]),
     "dynamic": ("dense (sdpa), dynamic NTK alpha 4", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
     "ms": ("ms_attention c16 K64 m16 s1, CRD-NTK inference alpha 4",
-           ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1",
-            "--rope", "crd-ntk", "--rope-factor", "4"]),
+           MS_FLAGS + ["--rope", "crd-ntk", "--rope-factor", "4"]),
     # the control for a fine-tune of ds_configs/recipes/smollm2_16k.yaml: the same fixed base it trained with
     # (alpha0 1, cycle 32768: b * 4 ** (d / (d - 2))), no training
     "ms_fixed": ("ms_attention c16 K64 m16 s1, fixed CRD-NTK base of the recipe (alpha 1, L 32K), no fine-tune",
-                 ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions",
-                  "1", "--rope", "crd-ntk", "--rope-factor", "1", "--rope-length", "32768"]),
+                 MS_FLAGS + ["--rope", "crd-ntk", "--rope-factor", "1", "--rope-length", "32768"]),
 }
 
 
@@ -67,9 +66,8 @@ def main() -> int:
     if a.adapter:
         rows["adapter"] = (f"fine-tuned adapter {a.adapter}, " + ROWS["ms"][0], ROWS["ms"][1] + ["--adapter", a.adapter])
     if a.tuned:
-        ms = ROWS["ms"][1][: ROWS["ms"][1].index("--rope")]
         rows["tuned"] = (f"fine-tuned {a.tuned}, ms_attention c16 K64 m16 s1, trained RoPE base",
-                         ms + ["--rope", "none"])
+                         MS_FLAGS + ["--rope", "none"])
     passkey_rows = set(rows) if a.passkey_rows is None else set(a.passkey_rows.split(","))
     commands, ppl, pk = [], {}, {}
     for key, (label, flags) in rows.items():
@@ -83,8 +81,9 @@ def main() -> int:
                   "--output", str(pk_json.relative_to(ROOT.parent) if pk_json.is_relative_to(ROOT.parent) else pk_json)]
         for cmd, path in ((ppl_cmd, ppl_json), (pk_cmd, pk_json)) if key in passkey_rows else ((ppl_cmd, ppl_json),):
             line = "ds-msattn eval " + shlex.join(cmd)
-            if a.reuse and path.exists() and json.loads(path.read_text()).get("command") == line:
-                commands.append(f"{line}  # {json.loads(path.read_text())['seconds_total']:.0f} s")
+            kept = json.loads(path.read_text()) if a.reuse and path.exists() else {}
+            if kept.get("command") == line:
+                commands.append(f"{line}  # {kept['seconds_total']:.0f} s")
                 continue
             t0 = time.perf_counter()
             print(line, flush=True)

@@ -5,7 +5,6 @@ losses of that test; the job must also exit 0 (MPI finalised before the trainer'
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,5 @@ def test_mpirun_two_ranks_sequence_parallel_matches_single_process(tmp_path):
          "--parallel.sp_mode=ulysses", *test_sp_train.SGD],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"mpi.sh failed\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    test_sp_train.check_losses(losses, "mpirun, Ulysses ZeRO-2")
+    test_sp_train.check_losses(test_sp_train._losses(out), "mpirun, Ulysses ZeRO-2")
     test_sp_train.COVERED.add(("ulysses", 2))

@@ -9,7 +9,6 @@ them afterwards (shared/FACTS.md lists the settings that work here).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_env import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
@@ -42,12 +42,6 @@ def _ensure_installed() -> None:
         pytest.skip(f"apt-get could not install slurm-wlm and munge (unreachable?): {proc.stderr[-500:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A running single-node SLURM; yields the environment that points its commands at our slurm.conf."""
@@ -62,8 +56,8 @@ def slurm(tmp_path_factory):
     conf = tmp / "slurm.conf"
     conf.write_text(f"""ClusterName=dsmsattn
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -123,10 +117,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
                 p.kill()
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_sbatch_srun_two_tasks_sequence_parallel_matches_single_process(slurm, tmp_path):
     out = tmp_path / "sp2"
@@ -141,5 +131,5 @@ def test_sbatch_srun_two_tasks_sequence_parallel_matches_single_process(slurm, t
         cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=600)
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, f"sbatch failed: {proc.stdout}\n{proc.stderr}\n--- job output\n{text[-5000:]}"
-    test_sp_train.check_losses(_losses(out), "SLURM sbatch, region ZeRO-3")
+    test_sp_train.check_losses(test_sp_train._losses(out), "SLURM sbatch, region ZeRO-3")
     test_sp_train.COVERED.add(("region", 3))

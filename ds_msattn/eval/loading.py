@@ -6,8 +6,9 @@ RoPE choices (DESIGN.md, CRD-NTK):
   whenever it passes the model's ``max_position_embeddings``; ``factor`` is alpha).
 - ``crd-ntk``: CRD-NTK inference mode: no wrap, no shift; one static base for the target length L,
   ``b' = b * (alpha * L / L0 - (alpha - 1)) ** (d / (d - 2))`` with L0 the model's context (L is
-  taken as at least L0, so short inputs keep the original base; ``rope_length`` fixes L instead). During prefill of a window of L
-  tokens this equals "dynamic" with the same factor; it differs while decoding past L (fixed base).
+  taken as at least L0, so short inputs keep the original base; ``rope_length`` fixes L instead). During
+  prefill of a window of L tokens this equals "dynamic" with the same factor; it differs while decoding past L
+  (fixed base).
 """
 
 from __future__ import annotations
