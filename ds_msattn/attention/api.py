@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .options import KeyMover, check_rotary, make_options
 from .reference import ms_attention_reference
 from .selection import _validate_params, select_regions
 from .torch_path import ms_attention_torch
@@ -49,6 +50,13 @@ def ms_attention(
     sink_regions: int = 1,
     scale: float | None = None,
     backend: str = "auto",
+    far_positions: str | None = None,
+    far_window: int | None = None,
+    far_group: int | None = None,
+    score: str | None = None,
+    select_per: str | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Correlation-aware select-and-merge attention (DESIGN.md), causal.
 
@@ -63,6 +71,14 @@ def ms_attention(
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"reference"`` (float64 oracle), ``"torch"`` (fast PyTorch path), ``"triton"``
             (fused GPU kernels) or ``"auto"`` (Triton for CUDA tensors when available, else torch).
+        far_positions: ``"exact"`` (default) | ``"compact"`` | ``"capped"`` | ``"grouped"``: where the keys of
+            selected history regions sit for RoPE (docs/design.md); ``far_window`` W and ``far_group`` G.
+        score: ``"rope"`` (default) | ``"position_free"``: region summaries of the rotated q, k or of q, k
+            with their rotation undone.
+        select_per: ``"head"`` (default) | ``"kv_group"``: one selection per query head or per kv head.
+        rope_inv_freq: ``[D/2]`` rotary frequencies of the model (transformers' rotate_half convention);
+            required by every option value that rotates.
+        position_ids: ``[T]`` or ``[B, T]`` positions q and k were rotated with (default ``arange(T)``).
 
     Returns:
         ``o [B, Hq, T, Dv]`` in q's dtype.
@@ -71,19 +87,26 @@ def ms_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _validate_params(region_size, top_k, merge, sink_regions)
     _validate_tensors(q, k, v)
+    options = make_options(
+        far_positions=far_positions, far_window=far_window, far_group=far_group, score=score, select_per=select_per
+    )
+    B, _, T, D = q.shape
+    inv_freq, positions = check_rotary(options, rope_inv_freq, position_ids, B=B, T=T, D=D)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     params = dict(region_size=region_size, top_k=top_k, merge=merge, sink_regions=sink_regions)
+    rotary = dict(options=options, rope_inv_freq=inv_freq, positions=positions)
     if backend == "reference":
-        return ms_attention_reference(q, k, v, scale=scale, **params)
+        return ms_attention_reference(q, k, v, scale=scale, **params, **rotary)
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
-    sel = select_regions(q, k, **params)
+    sel = select_regions(q, k, **params, **rotary)
+    mover = KeyMover(options, inv_freq.to(q.device), region_size, merge) if options.moves_keys else None
     if backend == "triton":
-        return _triton_attention(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale))
-    return ms_attention_torch(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale))
+        return _triton_attention(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale), mover=mover)
+    return ms_attention_torch(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale), mover=mover)
 
 
 def _triton_available() -> bool:
@@ -94,9 +117,11 @@ def _triton_available() -> bool:
     return True
 
 
-def _triton_attention(q, k, v, sel, *, region_size, merge, scale):
+def _triton_attention(q, k, v, sel, *, region_size, merge, scale, mover=None):
     try:
         from ds_msattn.kernels import ms_attention_triton
     except ImportError as e:
         raise NotImplementedError(f"backend='triton' is not available: {e}") from e
+    if mover is not None:
+        return ms_attention_triton(q, k, v, sel, region_size=region_size, merge=merge, scale=scale, mover=mover)
     return ms_attention_triton(q, k, v, sel, region_size=region_size, merge=merge, scale=scale)

@@ -6,7 +6,8 @@ the rule (``reference.py``); tests compare the two.
 
 Shapes: ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]``; R = ceil(T / c) regions, NB = ceil(R / m)
 blocks. The result of :func:`select_regions` is ``sel [B, Hq, NB, K - m]`` (int64), the selected
-history regions of every query block in ascending order, padded with -1.
+history regions of every query block in ascending order, padded with -1. The options ``score`` and
+``select_per`` act here (:func:`summary_inputs`, :func:`ranking_queries`, :func:`per_query_head`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .options import MSOptions, unrotate
 
 # Score matrices of about this many elements (32x on CUDA) are materialised at once (block-chunked selection).
 SCORE_BUDGET = 1 << 20
@@ -59,6 +62,33 @@ def _validate_params(region_size: int, top_k: int, merge: int, sink_regions: int
         raise ValueError(f"sink_regions must be an integer >= 0, got {sink_regions!r}")
 
 
+def summary_inputs(q, k, options: MSOptions, inv_freq, positions):
+    """What the region summaries are means of: ``q, k`` as given (``score="rope"``) or unrotated.
+
+    ``positions [B, T]`` are the positions q and k were rotated with; fp32 results when unrotated.
+    """
+    if options.score == "rope":
+        return q, k
+    return unrotate(q, positions, inv_freq), unrotate(k, positions, inv_freq)
+
+
+def ranking_queries(qbar: torch.Tensor, Hkv: int, options: MSOptions) -> torch.Tensor:
+    """Query summaries that rank: ``qbar [B, Hq, R, D]`` itself, or (``kv_group``) summed per kv head ``[B, Hkv, R, D]``.
+
+    ``sum_h qbar[h] . kbar[g] == (sum_h qbar[h]) . kbar[g]``: one score per kv head and region pair.
+    """
+    if not options.per_kv_group:
+        return qbar
+    B, Hq, R, D = qbar.shape
+    return qbar.view(B, Hkv, Hq // Hkv, R, D).sum(2)
+
+
+def per_query_head(sel: torch.Tensor, Hq: int) -> torch.Tensor:
+    """A selection made per kv head ``[B, Hkv, ...]`` -> one row per query head ``[B, Hq, ...]`` (no-op if already)."""
+    G = Hq // sel.shape[1]
+    return sel if G == 1 else sel.repeat_interleave(G, dim=1)
+
+
 @torch.no_grad()
 def select_regions(
     q: torch.Tensor,
@@ -69,13 +99,18 @@ def select_regions(
     merge: int,
     sink_regions: int = 1,
     score_budget: int | None = None,
+    options: MSOptions = MSOptions(),
+    rope_inv_freq: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selected history regions of every query block: ``sel [B, Hq, NB, top_k - merge]``, -1 padded.
 
     Rows are ascending. A block whose history has at most ``top_k - merge`` regions selects all of
     it; otherwise the sinks plus the first ``n`` distinct regions of the rank-major merge of its
-    regions' top-n lists (DESIGN.md). Scores are computed block-chunk by block-chunk so that at
-    most about ``score_budget`` of the ``(T/c)^2`` score matrix exists at once.
+    regions' top-n lists (docs/design.md). Scores are computed block-chunk by block-chunk so that at
+    most about ``score_budget`` of the ``(T/c)^2`` score matrix exists at once. ``options.score`` and
+    ``options.select_per`` choose the summaries and who ranks (``rope_inv_freq [D/2]`` and
+    ``positions [B, T]`` for ``position_free``).
     """
     _validate_params(region_size, top_k, merge, sink_regions)
     B, Hq, T, D = q.shape
@@ -99,19 +134,20 @@ def select_regions(
     if dense_blocks >= NB:
         return sel
 
-    qbar = region_means(q, c)  # [B, Hq, R, D]
-    kbar = region_means(k, c)  # [B, Hkv, R, D]
+    qs, ks = summary_inputs(q, k, options, rope_inv_freq, positions)
+    qbar = ranking_queries(region_means(qs, c), k.shape[1], options)  # [B, Hq or Hkv, R, D]
+    kbar = region_means(ks, c)  # [B, Hkv, R, D]
+    Hs = qbar.shape[1]
     # Pad the query regions to whole blocks by repeating each block's first region: its candidate
     # list then only repeats entries already read in the same round, which changes nothing.
     Rp = NB * m
     if Rp > R:
-        fill = qbar[:, :, (NB - 1) * m : (NB - 1) * m + 1].expand(B, Hq, Rp - R, D)
+        fill = qbar[:, :, (NB - 1) * m : (NB - 1) * m + 1].expand(B, Hs, Rp - R, D)
         qbar = torch.cat([qbar, fill], dim=2)
     blocks = torch.arange(dense_blocks, NB, device=device)
-    qbar_blocks = qbar.view(B, Hq, NB, m, D)[:, :, dense_blocks:]
-    sel[:, :, dense_blocks:] = select_history(
-        qbar_blocks, kbar, blocks, merge=m, sinks=sinks, n=n, score_budget=score_budget
-    )
+    qbar_blocks = qbar.view(B, Hs, NB, m, D)[:, :, dense_blocks:]
+    chosen = select_history(qbar_blocks, kbar, blocks, merge=m, sinks=sinks, n=n, score_budget=score_budget)
+    sel[:, :, dense_blocks:] = per_query_head(chosen, Hq)
     return sel
 
 

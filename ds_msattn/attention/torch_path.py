@@ -143,7 +143,7 @@ class MSAttentionFunction(torch.autograd.Function):
     """Attention over pre-selected regions; ``sel`` comes from :func:`select_regions`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sel, region_size: int, merge: int, scale: float):
+    def forward(ctx, q, k, v, sel, region_size: int, merge: int, scale: float, mover=None):
         fused = _use_cpu_flash(q, v)
         geo = _Geometry(q, k, v, sel, region_size, merge, fused)
         qp, kp, vp = (_pad(x, geo.Tp) for x in (q, k, v))
@@ -154,18 +154,21 @@ class MSAttentionFunction(torch.autograd.Function):
             oc, lc = _attend(qc, geo.local(kp, b0, b1), geo.local(vp, b0, b1), True, scale, fused)
             if s:
                 rows = geo.rows(sel, b0, b1, s)
-                o_sel, l_sel = _attend(qc, geo.gather(kp, rows, b1 - b0, s), geo.gather(vp, rows, b1 - b0, s), False, scale, fused)
+                ks = geo.gather(kp, rows, b1 - b0, s)
+                if mover is not None:  # far_positions: the gathered copies sit at their new positions
+                    ks = mover.move(ks, mover.shifts(sel, b0, b1, s))
+                o_sel, l_sel = _attend(qc, ks, geo.gather(vp, rows, b1 - b0, s), False, scale, fused)
                 oc, lc = _merge(o_sel, l_sel, oc, lc)
             geo.blocks(out, b0, b1).copy_(oc)  # views of `out` / `lse`: write in place
             lse[:, :, b0 * geo.mc : b1 * geo.mc] = lc.reshape(geo.B, geo.Hq, -1)
         ctx.save_for_backward(q, k, v, sel, out, lse)
-        ctx.params = (region_size, merge, scale, fused)
+        ctx.params = (region_size, merge, scale, fused, mover)
         return out if geo.Tp == geo.T else out[:, :, : geo.T].clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sel, out, lse = ctx.saved_tensors
-        region_size, merge, scale, fused = ctx.params
+        region_size, merge, scale, fused, mover = ctx.params
         geo = _Geometry(q, k, v, sel, region_size, merge, fused)
         qp, kp, vp = (_pad(x, geo.Tp) for x in (q, k, v))
         dop = _pad(grad_out.to(q.dtype), geo.Tp)
@@ -182,15 +185,23 @@ class MSAttentionFunction(torch.autograd.Function):
             if s:
                 rows = geo.rows(sel, b0, b1, s)
                 ks, vs = geo.gather(kp, rows, b1 - b0, s), geo.gather(vp, rows, b1 - b0, s)
+                if mover is not None:
+                    shift = mover.shifts(sel, b0, b1, s)
+                    ks = mover.move(ks, shift)
                 dq_sel, dks, dvs = _attend_backward(doc, qc, ks, vs, oc, lc, False, scale, fused)
+                if mover is not None:
+                    dks = mover.move_back(dks, shift)
                 dqc = dqc.float() + dq_sel.float()
                 geo.add_gathered(dk, dks, rows)
                 geo.add_gathered(dv, dvs, rows)
             geo.blocks(dq, b0, b1).copy_(dqc)
         T = geo.T
-        return dq[:, :, :T], dk[:, :, :T].to(k.dtype), dv[:, :, :T].to(v.dtype), None, None, None, None
+        return dq[:, :, :T], dk[:, :, :T].to(k.dtype), dv[:, :, :T].to(v.dtype), None, None, None, None, None
 
 
-def ms_attention_torch(q, k, v, sel, *, region_size: int, merge: int, scale: float) -> torch.Tensor:
-    """MS attention given the selection ``sel [B, Hq, NB, K-m]``; ``o [B, Hq, T, Dv]``."""
-    return MSAttentionFunction.apply(q, k, v, sel, region_size, merge, scale)
+def ms_attention_torch(q, k, v, sel, *, region_size: int, merge: int, scale: float, mover=None) -> torch.Tensor:
+    """MS attention given the selection ``sel [B, Hq, NB, K-m]``; ``o [B, Hq, T, Dv]``.
+
+    ``mover`` (:class:`ds_msattn.attention.options.KeyMover`) moves the selected keys for ``far_positions``.
+    """
+    return MSAttentionFunction.apply(q, k, v, sel, region_size, merge, scale, mover)
