@@ -9,15 +9,22 @@ import torch
 
 from ds_msattn.attention import ms_attention
 from ds_msattn.attention.decode import dense_decode_reference, ms_attention_decode
+from ds_msattn.attention.options import MSOptions
+from ds_msattn.attention.reference import _moved, _rotate_plain, _unrotated
 
 
-def decode_oracle(q, k, v, *, region_size, top_k, merge, sink_regions, scale=None):
-    """The decode rule of decode.py written with loops in float64."""
+def decode_oracle(q, k, v, *, region_size, top_k, merge, sink_regions, scale=None, options=MSOptions(),
+                  inv_freq=None, positions=None):
+    """The decode rule of decode.py written with loops in float64 (options as in the prefill reference)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     c, m = region_size, merge
     scale = D**-0.5 if scale is None else scale
     qd, kd, vd = q.double(), k.double(), v.double()
+    qs, ks = qd, kd
+    if options.score == "position_free":
+        qs, ks = _unrotated(qd, positions[:, Lkv - Lq :], inv_freq), _unrotated(kd, positions, inv_freq)
     out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=torch.float64)
     for bi in range(B):
         for h in range(Hq):
@@ -32,10 +39,19 @@ def decode_oracle(q, k, v, *, region_size, top_k, merge, sink_regions, scale=Non
                     sinks = min(sink_regions, top_k - m)
                     n = top_k - m - sinks
                     rest = hist[sinks:]
-                    score = {j: float(qd[bi, h, i] @ kd[bi, g, j * c : (j + 1) * c].mean(0)) for j in rest}
-                    chosen = list(range(sinks)) + sorted(rest, key=lambda j: (-score[j], j))[:n]
-                keys = [p for j in chosen for p in range(j * c, (j + 1) * c)] + list(range(blk * m * c, t + 1))
-                s = (kd[bi, g, keys] @ qd[bi, h, i]) * scale
+                    heads = range(g * G, (g + 1) * G) if options.per_kv_group else [h]
+                    score = {j: sum(float(qs[bi, hh, i] @ ks[bi, g, j * c : (j + 1) * c].mean(0)) for hh in heads)
+                             for j in rest}
+                    chosen = sorted(list(range(sinks)) + sorted(rest, key=lambda j: (-score[j], j))[:n])
+                start = blk * m * c
+                far = [p for j in chosen for p in range(j * c, (j + 1) * c)]
+                keys = far + list(range(start, t + 1))
+                vectors = [
+                    _rotate_plain(kd[bi, g, p], _moved(p, chosen.index(p // c), len(chosen), start, c,
+                                                       options) - p, inv_freq) if options.moves_keys else kd[bi, g, p]
+                    for p in far
+                ] + [kd[bi, g, p] for p in range(start, t + 1)]
+                s = (torch.stack(vectors) @ qd[bi, h, i]) * scale
                 out[bi, h, i] = torch.softmax(s, 0) @ vd[bi, g, keys]
     return out.to(q.dtype)
 
@@ -112,3 +128,29 @@ def test_bad_lengths():
     q, k, v = _qkv(1, 2, 1, 9, 8, 8)
     with pytest.raises(ValueError, match="Lq"):
         ms_attention_decode(q, k, v, region_size=4, top_k=4, merge=1)
+
+
+OPTION_CASES = [
+    pytest.param(dict(far_positions="compact"), id="compact"),
+    pytest.param(dict(far_positions="capped", far_window=10), id="capped-W10"),
+    pytest.param(dict(far_positions="grouped", far_window=6, far_group=3, score="position_free"), id="grouped+pf"),
+    pytest.param(dict(score="position_free", select_per="kv_group"), id="pf+kv_group"),
+    pytest.param(dict(far_positions="compact", score="position_free", select_per="kv_group"), id="all"),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_CASES)
+def test_decode_options_match_oracle(options):
+    from test_attention_options import _rope, inv_freq
+
+    B, Hq, Hkv, Lq, Lkv, D = 2, 4, 2, 9, 131, 16
+    params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lkv, D, seed=7)
+    freqs = inv_freq(D)
+    positions = (torch.arange(Lkv) + 5).expand(B, Lkv)
+    q, k = _rope(q, positions[:, Lkv - Lq :], freqs), _rope(k, positions, freqs)
+    got = ms_attention_decode(q, k, v, **params, **options, rope_inv_freq=freqs, position_ids=positions)
+    want = decode_oracle(q, k, v, **params, options=MSOptions(**options), inv_freq=freqs, positions=positions)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    plain = ms_attention_decode(q, k, v, **params)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the option acted

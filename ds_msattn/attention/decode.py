@@ -13,6 +13,10 @@ positions ``<= t`` (never on how the input was split into prefill and decode ste
   with the highest score ``q_t . kbar[g, j]`` (no scale; ties to the lower j): the token's own
   query acts as its block's summary (the definition with m = 1 region of one token).
 
+The options of docs/design.md act as in prefill: ``score="position_free"`` scores unrotated queries against
+summaries of unrotated keys, ``select_per="kv_group"`` ranks per kv head by the sum of the group's query
+scores, and ``far_positions`` moves the selected keys of token t's block (block start ``(t // (m*c)) * m*c``).
+
 Equal to :func:`ms_attention` wherever every history fits (dense regime). In the sparse regime it
 differs from the block rule by construction (per-token instead of per-block summaries), which is why
 ``ms_attention_decode`` with ``Lq == Lkv`` is not ``ms_attention``; it equals decoding token by token.
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .selection import _order_key, _validate_params, region_means
+from .options import check_rotary, key_shifts, make_options, rotate, unrotate
+from .selection import _order_key, _validate_params, per_query_head, ranking_queries, region_means
 
 # Elements of gathered keys (or scores) one chunk of queries may hold.
 CHUNK_BUDGET = 1 << 23
@@ -97,6 +102,13 @@ def ms_attention_decode(
     merge: int,
     sink_regions: int = 1,
     scale: float | None = None,
+    far_positions: str | None = None,
+    far_window: int | None = None,
+    far_group: int | None = None,
+    score: str | None = None,
+    select_per: str | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MS attention of the last ``Lq`` positions over a KV cache (decode rule in the module docstring).
 
@@ -106,14 +118,27 @@ def ms_attention_decode(
         v: ``[B, Hkv, Lkv, Dv]`` cached values.
         region_size, top_k, merge, sink_regions: as in :func:`ms_attention`.
         scale: softmax scale, default ``D ** -0.5``.
+        far_positions, far_window, far_group, score, select_per, rope_inv_freq: as in :func:`ms_attention`.
+        position_ids: ``[Lkv]`` or ``[B, Lkv]`` positions the cached keys were rotated with (the queries are
+            the last Lq of them); default ``arange(Lkv)``.
 
     Returns:
         ``o [B, Hq, Lq, Dv]`` in q's dtype (softmax in fp32).
     """
     _validate_params(region_size, top_k, merge, sink_regions)
     _validate(q, k, v)
+    options = make_options(
+        far_positions=far_positions, far_window=far_window, far_group=far_group, score=score, select_per=select_per
+    )
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    inv_freq, positions = check_rotary(options, rope_inv_freq, position_ids, B=B, T=Lkv, D=D)
+    position_free = options.score == "position_free"
+    if position_free:  # selection scores unrotated queries against summaries of unrotated keys
+        k_summary = unrotate(k, positions, inv_freq)
+        q_summary = unrotate(q, positions[:, Lkv - Lq :], inv_freq)
+    else:
+        k_summary, q_summary = k, q
     G = Hq // Hkv
     c, m = region_size, merge
     mc = m * c
@@ -121,7 +146,7 @@ def ms_attention_decode(
     start = Lkv - Lq
     # Only regions that are some query's history are summarised (all complete).
     R_hist = max(1, ((Lkv - 1) // mc) * m)
-    kbar = region_means(k[:, :, : R_hist * c], c) if Lkv >= c else k.new_zeros(B, Hkv, 1, D).float()
+    kbar = region_means(k_summary[:, :, : R_hist * c], c) if Lkv >= c else k.new_zeros(B, Hkv, 1, D).float()
     S = top_k - m
     keys_per_query = S * c + mc
     lq = max(1, min(Lq, CHUNK_BUDGET // max(1, B * Hq * max(keys_per_query * max(D, Dv), R_hist))))
@@ -136,7 +161,10 @@ def ms_attention_decode(
         qc = q[:, :, a:e]  # [B, Hq, l, D]
         l = e - a
         pos = torch.arange(start + a, start + e, device=q.device)  # [l]
-        sel = decode_selection(qc, kbar, pos, region_size=c, top_k=top_k, merge=m, sink_regions=sink_regions)
+        ranking = ranking_queries(q_summary[:, :, a:e], Hkv, options)  # [B, Hq or Hkv, l, D]
+        sel = per_query_head(
+            decode_selection(ranking, kbar, pos, region_size=c, top_k=top_k, merge=m, sink_regions=sink_regions), Hq
+        )
         # Key positions: selected regions' tokens, then the own block's tokens.
         sel_pos = (sel.clamp(min=0)[..., None] * c + offs_c).reshape(B, Hq, l, S * c).clamp(max=Lkv - 1)
         sel_ok = (sel >= 0)[..., None].expand(B, Hq, l, S, c).reshape(B, Hq, l, S * c)
@@ -147,6 +175,9 @@ def ms_attention_decode(
         # Rows into the flat [B*Hkv*Lkv] view; query head h reads kv head h // G.
         rows = (key_pos.view(B, Hkv, G * l, keys_per_query) + head_row).reshape(-1)
         kg = kf.reshape(-1, D).index_select(0, rows).view(B, Hq, l, keys_per_query, D)
+        if options.moves_keys and S:  # the selected keys of each token's block sit at their far positions
+            shift = key_shifts(sel, pos // mc, region_size=c, merge=m, options=options).view(B, Hq, l, S * c)
+            kg = torch.cat([rotate(kg[..., : S * c, :], shift, inv_freq), kg[..., S * c :, :]], dim=-2)
         vg = vf.reshape(-1, Dv).index_select(0, rows).view(B, Hq, l, keys_per_query, Dv)
         s = torch.einsum("bhld,bhlkd->bhlk", qc.float(), kg.float()) * scale
         s.masked_fill_(~ok, float("-inf"))
