@@ -170,7 +170,7 @@ class TrainSettings:
     """Optimisation loop."""
 
     max_steps: int = 10
-    """Optimizer steps to run (in total, counting resumed steps)."""
+    """Optimizer steps to run (in total, counting resumed steps); a resumed run follows this run's LR schedule."""
     micro_batch_size: int = 1
     """Sequences per rank per micro-step."""
     gradient_accumulation_steps: int = 1
@@ -235,16 +235,21 @@ class DeepSpeedSettings:
 
 @dataclass
 class ParallelConfig:
-    """Sequence parallelism (ds_msattn.parallel)."""
+    """Data x sequence parallelism (ds_msattn.parallel), collective timeouts, partitioned loading."""
 
     sequence_parallel_size: int = 1
-    """Ranks that share one sequence (1: off)."""
+    """Ranks that share one sequence (1: off); the rest of the world is data parallel (world / this)."""
     sp_mode: str = "region"
     """region (region sharding) or ulysses."""
+    timeout_s: float = 1800.0
+    """Collective timeout in seconds (every process group): a rank waiting on a lost peer fails after this."""
+    zero_init: bool = True
+    """Under ZeRO-3, build the model inside deepspeed.zero.Init (partitioned as built; false: full copy per rank)."""
 
     def __post_init__(self):
         _check_positive("parallel.sequence_parallel_size", self.sequence_parallel_size)
         _check_choice("parallel.sp_mode", self.sp_mode, {"region", "ulysses"})
+        _check_positive("parallel.timeout_s", self.timeout_s)
 
 
 @dataclass

@@ -8,11 +8,13 @@ later load is an ordinary offline ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -125,3 +127,39 @@ def tiny_config(family: str = "llama", **overrides):
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     return tiny_config("llama", **overrides)
+
+
+def init_weights_seeded(model: torch.nn.Module, seed: int) -> None:
+    """Random init that does not depend on how the model was built: each parameter from its own generator.
+
+    Vectors (norm weights) are ones, matrices normal(0, ``config.initializer_range``), each drawn from a generator
+    seeded by (seed, parameter name). A model built inside ``deepspeed.zero.Init`` (each module gathered in turn,
+    filled on rank 0 and re-partitioned) therefore gets exactly the weights of a plain build, on any world size.
+    """
+    import torch.distributed as dist
+
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            own = list(module.named_parameters(prefix=prefix, recurse=False))
+            if not own:
+                continue
+            zero = [p for _, p in own if hasattr(p, "ds_id")]
+            if zero:
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
+            else:
+                gathered = contextlib.nullcontext()
+            with gathered:
+                if zero and rank != 0:
+                    continue
+                for name, param in own:
+                    if param.dim() < 2:
+                        param.fill_(1.0)
+                        continue
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    rows = max(1, 2**22 // max(1, param[0].numel()))  # bounded fp32 scratch: 16 MiB at a time
+                    for chunk in param.split(rows):
+                        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from .config import RunConfig, load_config, save_config, split_argv
 from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
+from .parallel.zero import partitioned_loading, release_copied_partitions
 from .positions import CrdNtkSchedule, set_inference_positions
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -84,24 +86,33 @@ def _barrier() -> None:
 # ------------------------------------------------------------------ model
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    """The causal LM with the configured attention implementation and `config.ms_attention` set."""
+def build_model(cfg: RunConfig, ds_config: dict | None = None) -> torch.nn.Module:
+    """The causal LM with the configured attention implementation and `config.ms_attention` set.
+
+    With a ZeRO-3 `ds_config` (and `parallel.zero_init`) the model is built inside `deepspeed.zero.Init`: every
+    module is partitioned over the ranks as soon as it exists, so no rank holds the whole model (a tiny model's
+    random init is gathered module by module and filled on rank 0; `from_pretrained` scatters each tensor).
+    """
+    from .parallel.zero import partitioned_loading
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     impl = cfg.attention.implementation
     ms = cfg.attention.ms_attention_dict()
-    torch.manual_seed(cfg.model.init_seed)  # identical random init on every rank (ZeRO-3 partitions each copy)
-    if cfg.model.name == "tiny":
-        from transformers import AutoModelForCausalLM
+    with partitioned_loading(ds_config, cfg.parallel.zero_init):
+        if cfg.model.name == "tiny":
+            from transformers import AutoModelForCausalLM
 
-        from .models import tiny_llama_config
+            from .models import init_weights_seeded, tiny_llama_config
 
-        config = tiny_llama_config(**cfg.model.tiny)
-        config.ms_attention = ms
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
-    else:
-        from .models import load_model
+            config = tiny_llama_config(**cfg.model.tiny)
+            config.ms_attention = ms
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+            # the same weights however the model was built (plain, or partitioned on any world size)
+            init_weights_seeded(model, cfg.model.init_seed)
+        else:
+            from .models import load_model
 
-        model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype)
+            model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype)
     if getattr(model.config, "attention_dropout", 0.0):
         model.config.attention_dropout = 0.0  # MS attention has no dropout; keeps resumed runs exact
     model.config.use_cache = False
@@ -240,7 +251,8 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, loader: ResumableLoader, 
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
-        state = {"step": step, "loader": loader.state_dict()}
+        state = {"step": step, "loader": loader.state_dict(), "world_size": _world_size(),
+                 "global_batch": global_batch(cfg), "max_steps": cfg.train.max_steps}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -251,17 +263,72 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, loader: ResumableLoader, 
     return final
 
 
-def load_checkpoint(engine, path: Path, loader: ResumableLoader, rank: int) -> int:
+def load_checkpoint(engine, path: Path, loader: ResumableLoader, rank: int, tag: str = "ds") -> int:
     state = json.loads((path / "trainer_state.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/ds")
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{tag}")
     loader.load_state_dict(state["loader"])
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(state["step"])
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_batch(cfg: RunConfig) -> int:
+    """Sequences per optimizer step over the whole job (an SP group shares one sequence)."""
+    dp = _world_size() // cfg.parallel.sequence_parallel_size
+    return cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * dp
+
+
+def prepare_resume(path: Path, cfg: RunConfig, ds_config: dict, rank: int, world: int) -> str | None:
+    """Before the engine exists: for a checkpoint of another world size, the tag of its universal copy.
+
+    A checkpoint written by N ranks is converted once (rank 0, `ds_to_universal`, into <ckpt>/ds_universal) and
+    loaded with DeepSpeed's `load_universal`, which re-partitions parameters and optimizer states for this world
+    size. Returns None when the world size is the checkpoint's (the exact, ordinary load).
+    """
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = int(state.get("world_size") or len(list(path.glob("rng_rank*.pt"))) or world)
+    if saved == world:
+        return None
+    from .parallel.zero import to_universal
+
+    if rank == 0:
+        print(f"[ds_msattn] resuming a checkpoint of {saved} ranks on {world}: DeepSpeed universal checkpoint "
+              f"({path / 'ds_universal'})", flush=True)
+        if state.get("global_batch") not in (None, global_batch(cfg)):
+            print(f"[ds_msattn] WARNING: the checkpoint's global batch was {state['global_batch']} sequences, this "
+                  f"run's is {global_batch(cfg)} (train.micro_batch_size x gradient_accumulation_steps x data-"
+                  "parallel ranks): the data continues where it stopped, but the steps differ", flush=True)
+        to_universal(path / "ds", path / "ds_universal")
+    _barrier()
+    ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return "ds_universal"
+
+
+def restart_schedule(scheduler, cfg: RunConfig, start: int) -> None:
+    """After a resume: the learning rate of this run's schedule at step `start`, not the checkpoint's.
+
+    DeepSpeed restores the optimizer's param groups, whose lr the old schedule set for the next step; with a
+    different train.max_steps (or warm-up) that value belongs to the old schedule. The schedule's function is this
+    run's (`lr_lambda(cfg)`); only its position comes from the checkpoint.
+    """
+    factor = lr_lambda(cfg)(start)
+    optimizer = scheduler.optimizer
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+        group["lr"] = cfg.train.lr * factor
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    scheduler.last_epoch = start
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 # ------------------------------------------------------------------ training
@@ -323,7 +390,14 @@ def train(cfg: RunConfig) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    model = build_model(cfg)
+    ds_config = deepspeed_config(cfg)
+    if cfg.parallel.sequence_parallel_size > 1:
+        ds_config["sequence_parallel_size"] = cfg.parallel.sequence_parallel_size
+    resume_dir = find_resume_dir(cfg)
+    universal = None
+    if resume_dir is not None:
+        universal = prepare_resume(resume_dir, cfg, ds_config, rank, world)
+    model = build_model(cfg, ds_config)
     if cfg.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -337,7 +411,9 @@ def train(cfg: RunConfig) -> None:
         from .lora import apply_reduced_lora
 
         torch.manual_seed(cfg.model.init_seed + 1)
-        model = apply_reduced_lora(model, cfg.lora)
+        with partitioned_loading(ds_config, cfg.parallel.zero_init):
+            model = apply_reduced_lora(model, cfg.lora)
+        release_copied_partitions(model)  # peft's modules_to_save copies of partitioned modules
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.name)
     if len(tokenizer) > hf_config.vocab_size:
@@ -346,7 +422,6 @@ def train(cfg: RunConfig) -> None:
 
     wrapper = TokenLossModel(model)
     sp = _sequence_parallel(cfg, wrapper)
-    ds_config = deepspeed_config(cfg)
     init_kwargs = {}
     if sp is not None:
         sp.update_ds_config(ds_config)
@@ -377,9 +452,9 @@ def train(cfg: RunConfig) -> None:
                              dp_size=dp_size, seed=cfg.data.seed)
 
     start = 0
-    resume_dir = find_resume_dir(cfg)
     if resume_dir is not None:
-        start = load_checkpoint(engine, resume_dir, loader, rank)
+        start = load_checkpoint(engine, resume_dir, loader, rank, tag=universal or "ds")
+        restart_schedule(scheduler, cfg, start)
     torch.manual_seed(cfg.train.seed + 1000 * rank + start)  # dropout-free here, but seeded per rank and step
 
     metrics_path = out / "metrics.jsonl"
@@ -492,15 +567,15 @@ def save_adapter(engine, cfg: RunConfig, rank: int) -> None:
 
 
 def export(engine, cfg: RunConfig, hf_config, schedule, tokenizer, rank: int) -> None:
-    """Merged plain-transformers model at <output_dir>/merged (gathers ZeRO-3 partitions on every rank)."""
-    import deepspeed
+    """Merged plain-transformers model at <output_dir>/merged, written by rank 0.
 
+    ZeRO-3 partitions are gathered one module at a time and kept on rank 0 only (the merged model is the one
+    full copy); the other ranks never hold more than one module.
+    """
     from .lora import export_merged
+    from .parallel.zero import gathered_state_dict
 
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().clone().cpu() for k, v in engine.module.model.state_dict().items()} if rank == 0 \
-            else None
+    state = gathered_state_dict(engine.module.model, rank)
     if rank != 0:
         return
     model = build_model(cfg)
@@ -536,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # Every process group (DeepSpeed's sequence-parallel groups too) takes torch's default timeout, so the
+    # configured one is set there: a rank blocked on a lost peer raises after parallel.timeout_s, never hangs.
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    c10d = sys.modules["torch.distributed.distributed_c10d"]
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
     code = 0
     try:
         train(cfg)
@@ -550,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        if dist.is_initialized():
+        # after a failure a peer may be gone: tearing the group down could block on it, os._exit cannot
+        if dist.is_initialized() and code == 0:
             dist.destroy_process_group()
         mpi = sys.modules.get("mpi4py.MPI")  # launched by mpirun: finalise, or OpenMPI reports a failure
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
