@@ -1,4 +1,8 @@
-"""The ``ds-msattn`` command: subcommands dispatch lazily to their modules' ``main(argv) -> int``."""
+"""The ``ds-msattn`` command: subcommands dispatch lazily to their modules' ``main(argv) -> int``.
+
+``--verbose`` (anywhere, or ``DS_MSATTN_VERBOSE=1``) shows the libraries' full logs and the traceback of a user
+error; by default a user's mistake prints one line and exits with code 2 (``ds_msattn.logs``).
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,29 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: ds-msattn COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: ds-msattn [--verbose] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "--verbose (or DS_MSATTN_VERBOSE=1): full library logs, tracebacks for errors",
+              "documentation: README.md, docs/design.md, docs/architecture.md"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import pop_verbose, run_command, setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = pop_verbose(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"ds-msattn: unknown command {name!r}; choose from {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        print(f"ds-msattn: error: unknown command {name!r}; choose from {', '.join(COMMANDS)} "
+              "(ds-msattn --help lists them)", file=sys.stderr)
         return 2
+    setup_logging(verbose=verbose or None)  # before the command's module imports its libraries
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_command(f"ds-msattn {name}", module.main, rest + (["--verbose"] if verbose else []))
 
 
 if __name__ == "__main__":
