@@ -21,6 +21,8 @@ other exceptions are bugs and keep their traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -120,6 +122,22 @@ def setup_logging(verbose: bool | None = None) -> bool:
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
     return False
+
+
+@contextlib.contextmanager
+def captured_stdout():
+    """Hold back what a library prints on stdout inside the block (DeepSpeed prints "... built successfully" each
+    time it loads its CPU communication op); replayed when the block fails or when verbose."""
+    if is_verbose():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stdout.write(buffer.getvalue())
+        raise
 
 
 def progress_enabled() -> bool:

@@ -441,6 +441,12 @@ def train(cfg: RunConfig) -> None:
     # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing;
     # train mode changes nothing else here (no dropout: attention_dropout is 0, LoRA dropout defaults to 0)
     engine.train()
+    progress = None
+    if rank == 0:  # layer passes inside a long step, with the time left (ds_msattn/progress.py)
+        from .progress import StepProgress
+
+        progress = StepProgress(wrapper.causal_lm().model.layers, micro_batches=cfg.train.gradient_accumulation_steps,
+                                total_steps=cfg.train.max_steps, interval=60.0)
 
     if sp is not None:
         dp_rank, dp_size = getattr(sp, "dp_rank", rank // cfg.parallel.sequence_parallel_size), \
@@ -477,6 +483,8 @@ def train(cfg: RunConfig) -> None:
     tokens_per_step = cfg.train.micro_batch_size * gas * dp_size * seq_len  # global batch (an SP group shares one)
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
+        if progress is not None:
+            progress.begin(step)
         if schedule is not None:
             schedule.apply(engine.module, hf_config, step)
         lr = engine.get_lr()[0]
@@ -509,6 +517,8 @@ def train(cfg: RunConfig) -> None:
             step_sum += totals[0].double().cpu()
             step_count += totals[1].double().cpu()
         elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress.end()
         if rank == 0:
             mean_loss = (step_sum / step_count.clamp(min=1)).item()
             record = {
@@ -542,6 +552,8 @@ def train(cfg: RunConfig) -> None:
             save_checkpoint(engine, cfg, step + 1, loader, rank)
     if bar is not None:
         bar.close()
+    if progress is not None:
+        progress.close()
     if writer is not None:
         writer.close()
     if cfg.lora.enabled:
@@ -594,7 +606,10 @@ def export(engine, cfg: RunConfig, hf_config, schedule, tokenizer, rank: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit the process (os._exit) once distributed was initialised. Returns 2 on bad config."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from .logs import USER_ERRORS, captured_stdout, is_verbose, pop_verbose, setup_logging, user_error
+
+    argv, verbose = pop_verbose(sys.argv[1:] if argv is None else list(argv))
+    setup_logging(verbose or None)  # quiet libraries, one rank speaking; --verbose / DS_MSATTN_VERBOSE=1: all
     if any(a in ("-h", "--help") for a in argv):
         print("usage: ds-msattn train --config FILE [--section.key=VALUE ...] [--resume=auto|none|DIR]\n")
         print(__doc__)
@@ -616,13 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
     c10d = sys.modules["torch.distributed.distributed_c10d"]
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+    with captured_stdout():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
     code = 0
     try:
         train(cfg)
-    except ValueError as err:
-        traceback.print_exc()
-        print(f"ds-msattn train: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # a user's mistake: one line (the traceback with --verbose)
+        if is_verbose():
+            traceback.print_exc()
+        print(user_error("ds-msattn train", err), file=sys.stderr)
         code = 2
     except BaseException:  # noqa: BLE001 - report, then exit through the clean path below
         traceback.print_exc()
