@@ -21,6 +21,7 @@ other exceptions are bugs and keep their traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
@@ -149,6 +150,15 @@ def say(msg: str) -> None:
     """One line of progress on rank 0 (stderr, flushed), so that stdout stays the command's result."""
     if progress_enabled():
         print(msg, file=sys.stderr, flush=True)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (what is wrong, where help is) instead of the usage block; exit code 2.
+
+    Subparsers made with ``add_subparsers`` inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def user_error(prog: str, err: BaseException) -> str:

@@ -64,9 +64,19 @@ def window_nll(model, ids: torch.Tensor, first_target: int = 1) -> tuple[float, 
     return total, count
 
 
+def count_windows(documents: list[torch.Tensor], context: int, stride: int | None = None,
+                  max_windows: int | None = None) -> int:
+    """How many windows :func:`perplexity` scores (for a progress bar)."""
+    n = sum(len(make_windows(ids.shape[0], context, stride)) for ids in documents)
+    return n if max_windows is None else min(n, max_windows)
+
+
 def perplexity(model, documents: list[torch.Tensor], context: int, stride: int | None = None,
-               max_windows: int | None = None, log=print) -> dict:
-    """Perplexity at ``context`` over windows of ``documents`` (token id tensors), at most ``max_windows`` in all."""
+               max_windows: int | None = None, log=print, progress=None) -> dict:
+    """Perplexity at ``context`` over windows of ``documents`` (token id tensors), at most ``max_windows`` in all.
+
+    ``progress(n)`` (e.g. a tqdm bar's ``update``) is called after each window.
+    """
     total, count, used = 0.0, 0, 0
     t0 = time.perf_counter()
     for doc_index, ids in enumerate(documents):
@@ -77,6 +87,8 @@ def perplexity(model, documents: list[torch.Tensor], context: int, stride: int |
             nll, n = window_nll(model, ids[w.start : w.end], w.first_target)
             total, count, used = total + nll, count + n, used + 1
             log(f"ppl L={context} doc {doc_index} [{w.start}, {w.end}) nll/token {nll / n:.4f}")
+            if progress is not None:
+                progress(1)
     if count == 0:
         raise ValueError(f"no document has {context} tokens: no window to score at this context length")
     return {
