@@ -68,6 +68,21 @@ def default_distributed_env(local_rank: int | None = None) -> None:
     env.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def init_distributed(cfg: RunConfig) -> None:
+    """DeepSpeed's init (gloo on CPU, NCCL on GPU) with every collective timing out after parallel.timeout_s.
+
+    Process groups created later (DeepSpeed's sequence-parallel groups) take torch's default timeout, not the
+    world group's, so the default is set as well: a rank blocked on a lost or hung peer raises, never hangs.
+    """
+    import deepspeed
+    import torch.distributed.distributed_c10d as c10d
+    from deepspeed.accelerator import get_accelerator
+
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+
+
 def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -622,17 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-msattn train: error: {err}", file=sys.stderr)
         return 2
     default_distributed_env(local_rank)
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-    # Every process group (DeepSpeed's sequence-parallel groups too) takes torch's default timeout, so the
-    # configured one is set there: a rank blocked on a lost peer raises after parallel.timeout_s, never hangs.
-    timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    c10d = sys.modules["torch.distributed.distributed_c10d"]
-    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     with captured_stdout():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+        init_distributed(cfg)
     code = 0
     try:
         train(cfg)
