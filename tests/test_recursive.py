@@ -1,6 +1,7 @@
-"""Recursive bounded-memory mode: equals ms_attention / ms_attention_decode while the state holds the whole
-history, keeps a bounded state (and conserves every token in its summaries) when it does not, and the
-model-level runner equals the transformers model under attn_implementation="ms_attention"."""
+"""Streaming mode (region store + selection over summaries): equals ms_attention (with every option) /
+ms_attention_decode while the window holds the whole history or the summary search keeps every candidate,
+keeps every region exact in the store (memory-mapped or not, same results) with a bounded in-memory state,
+and the model-level runner equals the transformers model under attn_implementation="ms_attention"."""
 
 from __future__ import annotations
 
@@ -26,14 +27,41 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("params,chunk", PARAMS)
-def test_prefill_equals_ms_attention_when_state_holds_everything(params, chunk):
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+OPTIONS = [
+    pytest.param({}, id="paper"),
+    pytest.param(dict(far_positions="compact", score="position_free"), id="compact-free"),
+    pytest.param(dict(far_positions="capped", far_window=10, select_per="kv_group"), id="capped-kvgroup"),
+    pytest.param(dict(far_positions="grouped", far_window=8, far_group=3, score="position_free", select_per="kv_group"),
+                 id="grouped-free-kvgroup"),
+]
+# Ways for every history region to stay a candidate: a window that holds it all, no coarse levels, or a beam
+# through the summary levels that keeps every group (the coarse-to-fine path, with far regions in the store).
+EVERYTHING = [
+    pytest.param(dict(window_regions=1000), id="window"),
+    pytest.param(dict(window_regions=8, scales=(1,)), id="fine-only"),
+    pytest.param(dict(window_regions=8, scales=(1, 2, 4), beam=100), id="wide-beam"),
+]
+
+
+def _stream(cfg, q, k, v, chunk, **kw):
+    state = LayerState(cfg, scale=q.shape[-1] ** -0.5, **kw)
+    outs = [state.prefill(q[:, :, a : a + chunk], k[:, :, a : a + chunk], v[:, :, a : a + chunk])
+            for a in range(0, q.shape[2], chunk)]
+    return torch.cat(outs, 2), state
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("params,chunk,everything", [
+    pytest.param(*p.values, EVERYTHING[0].values[0], id=f"{p.id}-window") for p in PARAMS
+] + [pytest.param(*PARAMS[2].values, e.values[0], id=f"{PARAMS[2].id}-{e.id}") for e in EVERYTHING[1:]])
+def test_prefill_equals_ms_attention_when_every_region_is_a_candidate(params, chunk, everything, options):
     q, k, v = _qkv(2, 4, 2, 150, 8)
-    cfg = RecursiveConfig(**params, chunk=chunk, window_regions=1000)
-    state = LayerState(cfg, scale=8**-0.5)
-    outs = [state.prefill(q[:, :, a : a + chunk], k[:, :, a : a + chunk], v[:, :, a : a + chunk]) for a in range(0, 150, chunk)]
-    torch.testing.assert_close(torch.cat(outs, 2), ms_attention(q, k, v, **params), atol=2e-5, rtol=2e-5)
-    assert state.summaries() is None
+    cfg = RecursiveConfig(**params, chunk=chunk, **everything, **options, store_memory_gib=0, store_segment_mib=0.002)
+    got, state = _stream(cfg, q, k, v, chunk, inv_freq=INV_FREQ)
+    want = ms_attention(q, k, v, **params, **options, rope_inv_freq=INV_FREQ)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.store.disk_bytes > 0 and state.store.ram_bytes == 0  # read back through memory-mapped files
 
 
 @pytest.mark.parametrize("params,chunk", PARAMS)
@@ -50,32 +78,35 @@ def test_decode_equals_ms_attention_decode(params, chunk):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"token {t}: {m}")
 
 
-def test_state_is_bounded_and_conserves_tokens():
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[1]])
+def test_store_is_exact_state_bounded_and_memory_map_changes_nothing(options):
+    """480 tokens through a small window and beam: the memory-mapped store gives the in-memory run's outputs
+    bit for bit, holds every region's k and v exactly, its summaries are the means of their regions, and the
+    in-memory state (the pending block) stays bounded."""
     c, m = 4, 2
-    cfg = RecursiveConfig(region_size=c, top_k=6, merge=m, sink_regions=1, chunk=8, window_regions=4, scales=(1, 2, 4),
-                          summary_slots=3, summary_top=2)
-    B, Hq, Hkv, D = 1, 2, 1, 4
-    state = LayerState(cfg, scale=0.5)
-    g = torch.Generator().manual_seed(2)
-    all_k, sizes = [], []
-    for step in range(150):  # 1200 tokens, 300 regions
-        q, k, v = torch.randn(B, Hq, 8, D, generator=g), torch.randn(B, Hkv, 8, D, generator=g), torch.randn(B, Hkv, 8, D, generator=g)
-        out = state.prefill(q, k, v)
-        assert torch.isfinite(out).all()
-        all_k.append(k)
-        sizes.append(state.state_elements())
-    # Bound: sinks + window exact tokens (k and v) plus summaries (k and v) at 3 levels of at most slots+1 entries.
-    bound = 2 * (1 + 4) * c * Hkv * D + 2 * 3 * (3 + 1) * Hkv * D + 2 * cfg.scales[0] * Hkv * D
-    assert max(sizes) <= bound
-    assert max(sizes[75:]) <= max(sizes[:75])  # stops growing: the second half never exceeds the first
-    # Every token that left the exact state is in exactly one summary: counts and count-weighted means add up.
-    ks, _, logn = state.summaries()
-    counts = logn.exp()
-    keys = torch.cat(all_k, 2)
-    summarised = state.summarised * c
-    torch.testing.assert_close(counts.sum(), torch.tensor(float(summarised)))
-    mean_from_summaries = (ks[0, 0] * counts[:, None]).sum(0) / counts.sum()
-    torch.testing.assert_close(mean_from_summaries, keys[0, 0, c : c + summarised].mean(0), atol=1e-5, rtol=1e-5)
+    base = dict(region_size=c, top_k=6, merge=m, sink_regions=1, chunk=16, window_regions=4, scales=(1, 2, 8), beam=2,
+                **options)
+    T = 480
+    q, k, v = _qkv(1, 2, 1, T, 8, seed=2)
+    ram, s_ram = _stream(RecursiveConfig(**base, store_memory_gib=1), q, k, v, 16, inv_freq=INV_FREQ)
+    disk, s_disk = _stream(RecursiveConfig(**base, store_memory_gib=0, store_segment_mib=0.003), q, k, v, 16,
+                           inv_freq=INV_FREQ)
+    assert torch.isfinite(ram).all()
+    assert torch.equal(ram, disk)
+    assert s_ram.store.disk_bytes == 0 and s_disk.store.ram_bytes == 0 and len(s_disk.store["k"].segments) > 3
+    store = s_disk.store
+    R = T // c
+    ids = torch.arange(R)
+    torch.testing.assert_close(store["k"].read(0, ids)[:, 0, 0], k[0, 0].view(R, c, 8), atol=0, rtol=0)
+    torch.testing.assert_close(store["v"].read(0, ids)[:, 0, 0], v[0, 0].view(R, c, 8), atol=0, rtol=0)
+    fine = store["kbar0"].read(0, ids)
+    for lvl, s in enumerate(base["scales"][1:], start=1):
+        coarse = store[f"kbar{lvl}"].read(0, torch.arange(R // s))
+        torch.testing.assert_close(coarse, fine[: R // s * s].view(R // s, s, 1, 1, 8).mean(1), atol=1e-6, rtol=1e-6)
+    assert s_disk.state_elements() == 0  # block-aligned input: nothing besides the store
+    # The search reads far regions: the output differs from one where every region is a candidate.
+    everything, _ = _stream(RecursiveConfig(**{**base, "window_regions": 10**4}), q, k, v, 16, inv_freq=INV_FREQ)
+    assert not torch.allclose(ram, everything)
 
 
 def test_bad_config():
@@ -85,6 +116,16 @@ def test_bad_config():
         RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, window_regions=3)
     with pytest.raises(ValueError, match="scales"):
         RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, scales=(2, 3))
+    with pytest.raises(ValueError, match="scales"):
+        RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, scales=(1, 3, 4))
+    with pytest.raises(ValueError, match="local_regions"):
+        RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, local_regions=4)
+    with pytest.raises(ValueError, match="far_positions"):
+        RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, far_positions="near")
+    with pytest.raises(ValueError, match="store dtype"):
+        RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, store_dtype="int8")
+    with pytest.raises(ValueError, match="inv_freq"):
+        LayerState(RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, score="position_free"), scale=1.0)
 
 
 def _tiny_models(params, family="llama"):
@@ -130,3 +171,28 @@ def test_runner_rejects_dynamic_rope():
     model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(ValueError, match="dynamic"):
         RecursiveRunner(model, RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8))
+
+
+def test_runner_memory_map_equals_in_memory_run():
+    """Tiny model, 600 tokens through a 4-region window and a narrow beam with compact positions and
+    position-free scores: forcing the memory-mapped store (fp16 and fp32) changes no logit and no generated
+    token; per-segment NLL adds up to the whole."""
+    params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
+    model = _tiny_models(params)
+    ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4))
+    base = dict(**params, chunk=32, window_regions=4, scales=(1, 2, 8), beam=2, far_positions="compact",
+                score="position_free", local_regions=1)
+    for dtype in ("float32", "float16"):
+        res = []
+        for memory in (1.0, 0.0):
+            runner = RecursiveRunner(model, RecursiveConfig(**base, store_dtype=dtype, store_memory_gib=memory,
+                                                            store_segment_mib=0.01))
+            res.append(runner.run(ids, new_tokens=5, log=None, segment_tokens=256))
+            assert (runner.store.disk_bytes > 0) == (memory == 0.0)
+            runner.close()
+        assert res[0]["nll_per_token"] == res[1]["nll_per_token"] and res[0]["new_tokens"] == res[1]["new_tokens"]
+        segs = res[0]["segments"]
+        assert [s["tokens"] for s in segs] == [255, 256, 88]
+        total = sum(s["nll"] * s["tokens"] for s in segs) / sum(s["tokens"] for s in segs)
+        assert total == pytest.approx(res[0]["nll_per_token"], rel=1e-6)
+    assert res[0]["prefill_tokens_per_s"] > 0

@@ -1,0 +1,62 @@
+"""Region store of the streaming runner: rows round-trip exactly in memory and through memory-mapped files
+(across segments, every dtype), files go away at close unless kept, and bad set-ups fail with what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds_msattn.eval import store as store_mod
+from ds_msattn.eval.store import RegionStore, store_dtype
+
+
+def _store(tmp_path, memory, dtype=torch.float32, **kw):
+    arrays = {"k": ((1, 2, 4, 8), dtype), "kbar0": ((1, 2, 8), torch.float32)}
+    return RegionStore(layers=3, arrays=arrays, memory_bytes=memory, directory=tmp_path, segment_bytes=3000, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory", [0, 7000, 1 << 30], ids=["disk", "mixed", "ram"])
+def test_round_trip(tmp_path, dtype, memory):
+    st = _store(tmp_path, memory, dtype)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 50, 1, 2, 4, 8, generator=g).to(dtype)  # [layers, regions, ...]
+    for layer in range(3):  # appended in uneven pieces, as chunks and decode steps do
+        for a, b in ((0, 7), (7, 8), (8, 31), (31, 50)):
+            st["k"].write(layer, a, rows[layer, a:b])
+    ids = torch.tensor([0, 3, 4, 5, 17, 18, 30, 31, 49])
+    for layer in range(3):
+        got = st["k"].read(layer, ids)
+        assert got.dtype == dtype and torch.equal(got, rows[layer, ids])
+    assert len(st["k"].segments) > 2
+    assert (st.disk_bytes > 0) == (memory < 1 << 30) and (st.ram_bytes > 0) == (memory > 0)
+    st.release()
+    assert torch.equal(st["k"].read(1, ids), rows[1, ids])  # pages dropped from the mapping, data still there
+    directory = st.dir
+    st.close()
+    assert directory is None or not directory.exists()
+
+
+def test_keep_leaves_the_files(tmp_path):
+    st = _store(tmp_path, 0, keep=True)
+    st["k"].write(0, 0, torch.ones(10, 1, 2, 4, 8))
+    st.close()
+    assert st.dir.exists() and any(st.dir.iterdir())
+
+
+def test_bad_set_ups(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="store dtype"):
+        store_dtype("int8")
+    with pytest.raises(ValueError, match="store dtype"):
+        store_dtype(torch.float64)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    st = _store(blocker / "sub", 0)  # a directory that cannot be made
+    with pytest.raises(PermissionError, match="not writable.*--store-dir"):
+        st["k"].write(0, 0, torch.ones(1, 1, 2, 4, 8))
+    with pytest.raises(PermissionError, match="not writable"):
+        _store(blocker / "sub", 0, planned_rows={"k": 100})
+    monkeypatch.setattr(store_mod, "_free_bytes", lambda d: 10_000)
+    with pytest.raises(OSError, match="needs .* GiB on disk .* --store-dtype"):
+        _store(tmp_path, 0, planned_rows={"k": 1000, "kbar0": 1000})
+    _store(tmp_path, 1 << 30, planned_rows={"k": 1000, "kbar0": 1000})  # fits in memory: no disk needed
