@@ -97,3 +97,52 @@ def test_greedy_generate_matches_transformers_generate(attn):
     else:
         # First token comes from the prefill (the block rule) in both.
         assert ours[0] == int(ref[0, 90])
+
+
+def test_corpus_haystack_prompt_sets_the_key_off_as_a_paragraph():
+    tok = CharTokenizer()
+    text = "".join(f"Line {i} of the play, spoken by somebody.\n" for i in range(400))
+    hay = tok(text)["input_ids"]
+    for depth, offset in [(0.0, 0), (0.4, 123), (1.0, 10**9)]:
+        p = make_passkey_prompt(tok, 3000, 424242, depth, haystack=hay, offset=offset)
+        out = tok.decode(p.input_ids)
+        assert len(p.input_ids) == 3000
+        key_text = tok.decode(p.input_ids[p.key_token_start : p.key_token_end])
+        assert key_text == "\n\n" + KEY_SENTENCE.format(key=424242).strip() + "\n\n"
+        assert out.count("424242") == 2 and out.endswith("\n\n" + QUESTION.strip())
+        question = len(tok("\n\n" + QUESTION.strip())["input_ids"])
+        at_end = p.key_token_end == 3000 - question  # depth 1: right before the question
+        assert p.key_token_start == 0 or at_end or out[p.key_token_start - 1] == "\n"  # after a line break
+        assert 0 <= p.haystack_offset <= len(hay)
+        body = p.input_ids[: p.key_token_start] + p.input_ids[p.key_token_end : 3000 - question]
+        assert tok.decode(body) in text  # the rest is one contiguous slice of the running text
+    with pytest.raises(ValueError, match="haystack"):
+        make_passkey_prompt(tok, 3000, 1, 0.5, haystack=hay[:100])
+
+
+def test_needle_probe_reads_the_selection_of_the_answering_block():
+    """The probe's per-head verdict equals membership of the key's regions in select_regions' last block."""
+    from ds_msattn.attention import select_regions
+    from ds_msattn.attention.options import make_options
+    from ds_msattn.eval.needle import NeedleProbe
+    from ds_msattn.hf import DEFAULT_MS_ATTENTION, OPTION_KEYS
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D = 1, 6, 2, 203, 16
+    q, k = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    freqs = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    for options in ({}, {"score": "position_free", "select_per": "kv_group"}):
+        params = {**DEFAULT_MS_ATTENTION, "region_size": 4, "top_k": 6, "merge": 2, **options,
+                  "rope_inv_freq": freqs, "position_ids": torch.arange(T)[None]}
+        opts = make_options(**{key: params[key] for key in OPTION_KEYS})
+        sel = select_regions(q, k, region_size=4, top_k=6, merge=2, sink_regions=1, options=opts, rope_inv_freq=freqs,
+                             positions=torch.arange(T)[None])[0, :, -1]  # [Hq, S] of the last block
+        for span in [(10, 19), (100, 104), (195, 200)]:
+            probe = NeedleProbe()
+            probe.reset(span)
+            probe(type("Attn", (), {"layer_idx": 3})(), q, k, params)
+            regions = set(range(span[0] // 4, (span[1] - 1) // 4 + 1))
+            want = [span[1] > 200 - 200 % 8 or any(int(j) in regions for j in row) for row in sel]
+            assert probe.records[0]["heads"] == want, (options, span)
+            assert probe.records[0]["layer"] == 3 and probe.records[0]["phase"] == "prefill"
+    assert probe.summary()["prefill_selected"] == f"{sum(want)}/{Hq}"

@@ -22,6 +22,21 @@ CASES = [
     pytest.param((1, 6, 2, 300, 12, 5, 8, 3, 2), id="gqa3-T300-c5-K8-m3-s2"),
     pytest.param((1, 2, 1, 96, 8, 4, 32, 2, 1), id="dense-T96"),
 ]
+# Options of docs/design.md on sharded sequences: (shape, options); positions wrapped as CRD-NTK wraps them.
+OPTION_CASES = [
+    ((1, 4, 2, 203, 16, 4, 6, 2, 1), dict(far_positions="compact", score="position_free", select_per="kv_group")),
+    ((1, 6, 2, 300, 12, 5, 8, 3, 2), dict(far_positions="grouped", far_window=7, far_group=3)),
+    ((2, 3, 3, 157, 8, 8, 4, 1, 0), dict(far_positions="capped", far_window=20, score="position_free")),
+]
+
+
+def _rotary(shape, options, Tp):
+    """Keyword arguments that rotate: frequencies and wrapped global positions ``[Tp]`` (None without options)."""
+    if not options:
+        return {}, None
+    D = shape[4]
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D).float()
+    return dict(options, rope_inv_freq=freqs), (torch.arange(Tp) + 91) % 128
 
 
 def _inputs(shape, world, seed=0):
@@ -42,19 +57,21 @@ def _compare(rank, world, cases):
     from ds_msattn.parallel.region_shard import TrafficStats, region_sharded_attention
 
     errors = []
-    for shape in cases:
+    for shape, options in cases:
         B, Hq, Hkv, T, D, c, K, m, s = shape
         q, k, v, do, Tl = _inputs(shape, world)
-        params = dict(region_size=c, top_k=K, merge=m, sink_regions=s)
+        extra, pos = _rotary(shape, options, world * Tl)
+        params = dict(region_size=c, top_k=K, merge=m, sink_regions=s, **extra)
         # single-process result on the unpadded sequence
         qr, kr, vr = (x[:, :, :T].clone().requires_grad_() for x in (q, k, v))
-        ref = ms_attention(qr, kr, vr, **params, backend="torch")
+        ref = ms_attention(qr, kr, vr, **params, backend="torch", **({} if pos is None else {"position_ids": pos[:T]}))
         ref.backward(do[:, :, :T])
         # this rank's shard
         lo, hi = rank * Tl, (rank + 1) * Tl
         ql, kl, vl = (x[:, :, lo:hi].clone().requires_grad_() for x in (q, k, v))
         stats = TrafficStats()
-        out = region_sharded_attention(ql, kl, vl, **params, valid_len=T, stats=stats)
+        shard_pos = {} if pos is None else {"position_ids": pos[lo:hi]}
+        out = region_sharded_attention(ql, kl, vl, **params, valid_len=T, stats=stats, **shard_pos)
         n = max(0, min(hi, T) - lo)
         dol = do[:, :, lo:hi].clone()
         dol[:, :, n:] = 0  # padding tokens carry no loss
@@ -65,7 +82,7 @@ def _compare(rank, world, cases):
             "dk": (kl.grad[:, :, :n] - kr.grad[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
             "dv": (vl.grad[:, :, :n] - vr.grad[:, :, lo : lo + n]).abs().max().item() if n else 0.0,
         }
-        errors.append((shape, errs, stats.totals()))
+        errors.append(((shape, options), errs, stats.totals()))
     return errors
 
 
@@ -91,9 +108,10 @@ BYTE_SHAPES = {
 
 
 ULYSSES_SHAPE = (1, 8, 4, 203, 16, 4, 6, 2, 1)  # GQA, heads divisible by 2 and 4, T padded
+ULYSSES_OPTIONS = dict(far_positions="compact", score="position_free", select_per="kv_group")
 
 
-def _ulysses(rank, world, shape):
+def _ulysses(rank, world, shape, options=None):
     """DeepSpeed-Ulysses (DistributedAttention) with ms_attention locally vs single-process ms_attention."""
     import torch.distributed as dist
 
@@ -102,14 +120,16 @@ def _ulysses(rank, world, shape):
 
     B, Hq, Hkv, T, D, c, K, m, s = shape
     q, k, v, do, Tl = _inputs(shape, world, seed=2)
-    params = dict(region_size=c, top_k=K, merge=m, sink_regions=s)
+    extra, pos = _rotary(shape, options, world * Tl)
+    params = dict(region_size=c, top_k=K, merge=m, sink_regions=s, **extra)
     qr, kr, vr = (x[:, :, :T].clone().requires_grad_() for x in (q, k, v))
-    ref = ms_attention(qr, kr, vr, **params)
+    ref = ms_attention(qr, kr, vr, **params, **({} if pos is None else {"position_ids": pos[:T]}))
     ref.backward(do[:, :, :T])
     lo, hi = rank * Tl, (rank + 1) * Tl
     ql, kl, vl = (x[:, :, lo:hi].clone().requires_grad_() for x in (q, k, v))
     attn = UlyssesMSAttention(dist.group.WORLD)
-    out = attn(ql, kl, vl, dict(params, scale=None), T)
+    shard_pos = {} if pos is None else {"position_ids": pos[lo:hi]}
+    out = attn(ql, kl, vl, dict(params, scale=None, **shard_pos), T)
     n = max(0, min(hi, T) - lo)
     dol = do[:, :, lo:hi].clone()
     dol[:, :, n:] = 0
@@ -125,8 +145,12 @@ def _ulysses(rank, world, shape):
 
 def _all(rank, world):
     """Everything one group of processes checks (process start-up dominates the cost: start once)."""
-    cases = [p.values[0] for p in CASES]
-    out = {"compare": _compare(rank, world, cases), "ulysses": _ulysses(rank, world, ULYSSES_SHAPE)}
+    cases = [(p.values[0], None) for p in CASES] + OPTION_CASES
+    out = {
+        "compare": _compare(rank, world, cases),
+        "ulysses": _ulysses(rank, world, ULYSSES_SHAPE),
+        "ulysses_options": _ulysses(rank, world, ULYSSES_SHAPE, ULYSSES_OPTIONS),
+    }
     for mode, (B, Hq, Hkv, Tl, D, c, K, m) in BYTE_SHAPES.items():
         out[mode] = _bytes(rank, world, (B, Hq, Hkv, world * Tl, D, c, K, m, 1))
     return out
@@ -187,6 +211,8 @@ def test_ulysses_equals_single_process(world):
     for rank, res in enumerate(results):
         for name in ("out", "dq", "dk", "dv"):
             assert res[name] < 2e-5, f"P={world} rank {rank}: {name} differs by {res[name]}"
+            with_options = _results(world)[rank]["ulysses_options"][name]
+            assert with_options < 2e-5, f"P={world} rank {rank} with {ULYSSES_OPTIONS}: {name} differs by {with_options}"
         # all-to-all of q, k, v, o: (P-1)/P of each local tensor leaves the rank
         assert res["bytes"] == (2 * Hq + 2 * Hkv) * B * Tl * D * 4 * (world - 1) // world
 

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_msattn.attention.options import DEFAULT_OPTIONS, FAR_POSITIONS, SCORES, SELECT_PER
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -37,6 +39,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", type=int, default=16)
     p.add_argument("--sink-regions", type=int, default=1)
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "reference"], help="ms_attention backend")
+    p.add_argument("--far-positions", default=None, choices=list(FAR_POSITIONS),
+                   help=f"where selected far keys sit for RoPE (default {DEFAULT_OPTIONS['far_positions']})")
+    p.add_argument("--far-window", type=int, default=None, help="W of capped/grouped, tokens")
+    p.add_argument("--far-group", type=int, default=None, help="G of grouped")
+    p.add_argument("--score", default=None, choices=list(SCORES), help="region summaries: rope or position_free")
+    p.add_argument("--select-per", default=None, choices=list(SELECT_PER), help="one selection per head or kv_group")
     p.add_argument("--rope", default="none", choices=["none", "dynamic", "crd-ntk"])
     p.add_argument("--rope-factor", type=float, default=4.0, help="NTK alpha for dynamic / crd-ntk")
     p.add_argument("--rope-length", type=int, default=None,
@@ -57,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials", type=int, default=3, help="trials per length (per depth when --depths is given)")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--max-new-tokens", type=int, default=8)
+    pk.add_argument("--haystack", default="filler", choices=["filler", "corpus"],
+                    help="repeated filler sentences, or running text of held-out works of the built-in corpus")
+    pk.add_argument("--diagnose", action="store_true",
+                    help="needle recall: did the answering block select a region holding the key (ms_attention)")
+    pk.add_argument("--trials-file", default=None,
+                    help="JSON lines: each trial appended when it ends; trials already there are not rerun (resume)")
     pp = sub.add_parser("ppl", help="perplexity per context length")
     _model_args(pp)
     src = pp.add_mutually_exclusive_group(required=True)
@@ -85,6 +99,10 @@ def _spec(args):
 
     ms = dict(region_size=args.region_size, top_k=args.top_k, merge=args.merge, sink_regions=args.sink_regions,
               backend=args.backend)
+    for key in DEFAULT_OPTIONS:  # options left unset take the package defaults
+        value = getattr(args, key)
+        if value is not None:
+            ms[key] = value
     return EvalModelSpec(model=args.model, adapter=args.adapter, attention=args.attn, ms_params=ms, rope=args.rope,
                          rope_factor=args.rope_factor, rope_length=args.rope_length)
 
@@ -100,6 +118,8 @@ def _texts(args) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "diagnose", False) and args.attn != "ms_attention":
+        build_parser().error("--diagnose needs --attn ms_attention (it reports what MS selection picked)")
     import torch
 
     if args.threads:
@@ -126,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         from .plots import plot_passkey
 
         res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, prepare=lambda n: prepare_length(model, spec, n), log=log)
+                          max_new_tokens=args.max_new_tokens, prepare=lambda n: prepare_length(model, spec, n), log=log,
+                          haystack=args.haystack, diagnose=args.diagnose, trials_file=args.trials_file)
         report.update(res)
         plot_passkey(report, out.with_suffix(".png"))
     elif args.task == "ppl":

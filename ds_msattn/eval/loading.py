@@ -58,7 +58,9 @@ class EvalModelSpec:
         attn = self.attention
         if attn == "ms_attention":
             p = self.ms_params
-            attn += f"(c={p['region_size']},K={p['top_k']},m={p['merge']},s={p.get('sink_regions', 1)})"
+            opts = "".join(f",{key}={p[key]}" for key in ("far_positions", "far_window", "far_group", "score", "select_per")
+                           if key in p)
+            attn += f"(c={p['region_size']},K={p['top_k']},m={p['merge']},s={p.get('sink_regions', 1)}{opts})"
         rope = self.rope if self.rope == "none" else f"{self.rope}(alpha={self.rope_factor:g})"
         if self.rope_length is not None:
             rope = rope[:-1] + f",L={self.rope_length})"

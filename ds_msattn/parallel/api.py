@@ -116,7 +116,7 @@ class SequenceParallel:
             raise ValueError("sequence parallel attention called before shard_batch (valid length unknown)")
         if q.shape[2] != k.shape[2]:
             raise ValueError("sequence-parallel ms_attention does not support a KV cache (decoding)")
-        params = {key: params[key] for key in ("region_size", "top_k", "merge", "sink_regions", "scale")}
+        params = {key: value for key, value in params.items() if key != "backend"}  # sizes, scale and options
         if self.mode == "region":
             return region_sharded_attention(
                 q, k, v, **params, valid_len=self.valid_len, group=self.groups.sp_group, stats=self.stats)

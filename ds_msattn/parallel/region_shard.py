@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ds_msattn.attention.selection import _validate_params, select_history
+from ds_msattn.attention.options import KeyMover, check_rotary, make_options
+from ds_msattn.attention.selection import (
+    _validate_params, per_query_head, ranking_queries, select_history, summary_inputs,
+)
 from ds_msattn.attention.torch_path import MSAttentionFunction
 
 
@@ -81,7 +84,8 @@ def select_global(
     """Selection with global region ids for a run of query blocks, as :func:`select_regions` does.
 
     Args:
-        qbar: ``[B, Hq, nb*m, D]`` query summaries of the local blocks (regions past ``n_real_regions``
+        qbar: ``[B, Hq, nb*m, D]`` query summaries of the local blocks (``[B, Hkv, ...]``, summed per kv
+            group, for ``select_per="kv_group"``: the result then has one row per kv head) (regions past ``n_real_regions``
             are replaced by their block's first region, as :func:`select_regions` pads).
         kbar: ``[B, Hkv, Rg, D]`` key summaries of the whole (padded) global sequence.
         first_block: global id of the first local block.
@@ -221,6 +225,13 @@ def region_sharded_attention(
     valid_len: int,
     group=None,
     stats: TrafficStats | None = None,
+    far_positions: str | None = None,
+    far_window: int | None = None,
+    far_group: int | None = None,
+    score: str | None = None,
+    select_per: str | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MS attention of a sequence sharded over the ranks of ``group`` (this rank's shard in, its output out).
 
@@ -232,6 +243,9 @@ def region_sharded_attention(
             the result on real tokens equals ``ms_attention`` of the unpadded sequence).
         group: the sequence-parallel process group (default: the world).
         stats: where to record bytes sent/received.
+        far_positions, far_window, far_group, score, select_per, rope_inv_freq: as in ``ms_attention``.
+        position_ids: ``[Tl]`` or ``[B, Tl]`` positions of this shard's tokens (global, as the model rotated
+            them); default ``r*Tl + arange(Tl)``.
 
     Returns:
         ``o [B, Hq, Tl, Dv]``; rows of padding tokens are not meaningful.
@@ -253,22 +267,29 @@ def region_sharded_attention(
     Rl = Tl // c
     record: dict[str, int] = {}
     local_valid = valid_len - rank * Tl
+    options = make_options(
+        far_positions=far_positions, far_window=far_window, far_group=far_group, score=score, select_per=select_per
+    )
+    if position_ids is None and options.needs_rotary:
+        position_ids = rank * Tl + torch.arange(Tl, device=q.device)
+    inv_freq, positions = check_rotary(options, rope_inv_freq, position_ids, B=B, T=Tl, D=D)
 
     with torch.no_grad():  # selection is not differentiated (as in select_regions)
+        qs, ks = summary_inputs(q, k, options, inv_freq, positions)
         # 1. key summaries of every region of the global sequence
-        kbar_local = masked_region_means(k, c, local_valid)  # [B, Hkv, Rl, D]
+        kbar_local = masked_region_means(ks, c, local_valid)  # [B, Hkv, Rl, D]
         kbar_all = torch.empty(world * B, Hkv, Rl, D, dtype=kbar_local.dtype, device=kbar_local.device)
         dist.all_gather_into_tensor(kbar_all, kbar_local.contiguous(), group=group)  # gloo: dim 0 grows
         kbar = kbar_all.view(world, B, Hkv, Rl, D).permute(1, 2, 0, 3, 4).reshape(B, Hkv, world * Rl, D)  # [B, Hkv, Rg, D]
         record["kbar"] = kbar_local.numel() * kbar_local.element_size() * (world - 1)
 
         # 2. global selection for the local blocks
-        qbar = masked_region_means(q, c, local_valid)  # [B, Hq, Rl, D]
+        qbar = ranking_queries(masked_region_means(qs, c, local_valid), Hkv, options)  # [B, Hq or Hkv, Rl, D]
         n_real = math.ceil(valid_len / c)
-        sel = select_global(
+        sel = per_query_head(select_global(
             qbar, kbar, first_block=rank * (Rl // m), n_real_regions=n_real, top_k=top_k, merge=m,
             sink_regions=sink_regions,
-        )  # [B, Hq, NBl, K-m]
+        ), Hq)  # [B, Hq, NBl, K-m]
 
     # 3. sparse exchange of the selected remote regions' k and v
     plan = ExchangePlan(sel, Hkv=Hkv, Rl=Rl, rank=rank, world=world, merge=m, group=group)
@@ -289,7 +310,11 @@ def region_sharded_attention(
     sel_buf = torch.where(sel >= 0, torch.gather(mapped, 2, sel.clamp(min=0).flatten(2)).view_as(sel), -1)
     dummy = sel.new_full((B, Hq, F // m, sel.shape[-1]), -1)
     sel_buf = torch.cat([dummy, sel_buf], dim=2)
-    out = MSAttentionFunction.apply(qb, kb, vb, sel_buf, c, m, float(scale))
+    mover = None
+    if options.moves_keys:  # positions follow the global region ids and global block ids
+        mover = KeyMover(options, inv_freq, c, m, positions_sel=torch.cat([dummy, sel], dim=2),
+                         block_offset=rank * (Rl // m) - F // m)
+    out = MSAttentionFunction.apply(qb, kb, vb, sel_buf, c, m, float(scale), mover)
     if stats is not None:
         stats.records.append(record)
     return out[:, :, F * c :]

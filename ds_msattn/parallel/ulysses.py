@@ -68,7 +68,14 @@ class UlyssesMSAttention:
     def __call__(self, q, k, v, params: dict, valid_len: int):
         P = dist.get_world_size(self.group)
         check_heads(q.shape[1], k.shape[1], P)
-        self.local.params = dict(params)
+        params = dict(params)
+        if params.get("position_ids") is not None:  # the local attention sees the whole sequence: all positions
+            pos = params["position_ids"].view(-1, q.shape[2]).expand(q.shape[0], -1).contiguous()
+            gathered = torch.empty(P * pos.shape[0], pos.shape[1], dtype=pos.dtype, device=pos.device)
+            dist.all_gather_into_tensor(gathered, pos, group=self.group)
+            full = gathered.view(P, pos.shape[0], -1).permute(1, 0, 2).reshape(pos.shape[0], -1)
+            params["position_ids"] = full[:, :valid_len]
+        self.local.params = params
         self.local.valid_len = valid_len
         o = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)  # [B, Tl, Hq, Dv]
         self.bytes_sent.append(self.bytes_per_call(q, k, v, P))

@@ -1,0 +1,178 @@
+"""Passkey retrieval far past SmolLM2's 8K context: which MS attention options let a selected needle be read.
+
+Each row is one model set-up (attention, options, RoPE); each (row, haystack) runs ``ds-msattn eval passkey`` with
+``--diagnose`` (needle recall: did the answering block select a region holding the key) and ``--trials-file``, so
+every finished trial is on disk at once and a rerun of the same command resumes where it stopped. Prompts are
+shared across rows (keys, depths and corpus offsets are seeded by length). ``--report`` (also run at the end)
+writes benchmarks/results/eval_retrieval.md, .json and a heatmap .png (length x depth, per row).
+
+    ../shared/bin/heavy python benchmarks/eval_retrieval.py --rows today,compact_pf --lengths 16384,32768 --trials 1 \\
+        --depths 0.1,0.3,0.5,0.7,0.9 --haystacks filler,corpus
+    python benchmarks/eval_retrieval.py --report
+
+Heavy: on 2 CPU cores a 32K trial takes about a minute for MS attention (dense: several); run it through the
+heavy queue, one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "eval_retrieval"
+MS = ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1"]
+#: name -> (label, eval arguments). "today" is the rule as the README ran it last round (exact positions, rope
+#: scores, CRD-NTK alpha 4 per length); "dense_dynamic" the baseline users would pick.
+ROWS = {
+    "dense_dynamic": ("dense + dynamic NTK (factor L/8K)", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
+    "today": ("MS exact, rope scores, CRD-NTK alpha 4 (today)", MS + ["--rope", "crd-ntk", "--rope-factor", "4"]),
+    "exact_plain": ("MS exact, rope scores, plain RoPE", MS),
+    "compact": ("MS compact, rope scores, plain RoPE", MS + ["--far-positions", "compact"]),
+    "pf": ("MS exact, position_free, plain RoPE", MS + ["--score", "position_free"]),
+    "compact_pf": ("MS compact + position_free, plain RoPE", MS + ["--far-positions", "compact", "--score", "position_free"]),
+    "capped2k_pf": ("MS capped W=2048 + position_free", MS + ["--far-positions", "capped", "--far-window", "2048",
+                                                              "--score", "position_free"]),
+    "capped6k_pf": ("MS capped W=6144 + position_free", MS + ["--far-positions", "capped", "--far-window", "6144",
+                                                              "--score", "position_free"]),
+    "grouped_pf": ("MS grouped W=2048 G=8 + position_free", MS + ["--far-positions", "grouped", "--far-window", "2048",
+                                                                  "--far-group", "8", "--score", "position_free"]),
+    "compact_pf_kv": ("MS compact + position_free + kv_group", MS + ["--far-positions", "compact", "--score",
+                                                                     "position_free", "--select-per", "kv_group"]),
+}
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def run(args) -> None:
+    from ds_msattn.eval.cli import main as eval_main
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for row in args.rows:
+        if row not in ROWS:
+            raise SystemExit(f"--rows: unknown row {row!r}; known: {', '.join(ROWS)}")
+        for haystack in args.haystacks:
+            stem = RUNS / f"{row}_{haystack}"
+            argv = ["passkey", "--model", args.model, *ROWS[row][1], "--lengths", ",".join(map(str, args.lengths)),
+                    "--trials", str(args.trials), "--haystack", haystack, "--trials-file", f"{stem}.jsonl",
+                    "--output", f"{stem}_{'-'.join(map(str, args.lengths))}.json", "--seed", str(args.seed)]
+            if args.depths:
+                argv += ["--depths", ",".join(map(str, args.depths))]
+            if row != "dense_dynamic":
+                argv.append("--diagnose")
+            print("== ds-msattn eval " + shlex.join(argv), flush=True)
+            eval_main(argv)
+    report()
+
+
+def _load_trials() -> dict[tuple[str, str], list[dict]]:
+    out = {}
+    for path in sorted(RUNS.glob("*.jsonl")):
+        row, haystack = path.stem.rsplit("_", 1)
+        out[(row, haystack)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def report() -> None:
+    trials = _load_trials()
+    lengths = sorted({t["length"] for recs in trials.values() for t in recs})
+    table = {}
+    lines = [
+        "# Passkey retrieval past the native context (SmolLM2-135M, no fine-tuning)",
+        "",
+        "Written by `benchmarks/eval_retrieval.py` from the trial files in `benchmarks/results/eval_retrieval/`",
+        "(one JSON line per trial: key, depth, haystack offset, generated text, needle recall). Cells: passed/trials,",
+        "then the needle recall in brackets: the share of (layer, query head) pairs whose answering block selected a",
+        "region holding the key sentence (prefill). Greedy decoding, exact match of the first integer generated.",
+        "MS attention is c16 K64 m16 s1 (1024 keys per query) in every MS row. Measured on this project's 2-core CPU",
+        "machine (fp32), with other work sharing the cores (accuracy does not depend on it; time per trial does).",
+        "",
+    ]
+    for haystack in ("filler", "corpus"):
+        rows = [r for r in ROWS if (r, haystack) in trials]
+        if not rows:
+            continue
+        lines += [f"## Haystack: {haystack}", "", "| row | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+                  "| --- |" + " --- |" * len(lengths)]
+        for r in rows:
+            cells = []
+            for n in lengths:
+                recs = [t for t in trials[(r, haystack)] if t["length"] == n]
+                if not recs:
+                    cells.append("")
+                    continue
+                passed = sum(t["passed"] for t in recs)
+                recall = [t["needle"]["prefill_recall"] for t in recs if "needle" in t]
+                cell = f"{passed}/{len(recs)}" + (f" ({sum(recall) / len(recall):.2f})" if recall else "")
+                cells.append(cell)
+                table.setdefault(r, {}).setdefault(haystack, {})[str(n)] = dict(
+                    passed=passed, trials=len(recs), needle_recall=sum(recall) / len(recall) if recall else None,
+                    seconds_mean=round(sum(t["seconds"] for t in recs) / len(recs), 1))
+            lines.append(f"| {ROWS[r][0]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items() if r in table]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "eval_retrieval.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "eval_retrieval.json").write_text(json.dumps({"rows": {r: ROWS[r][0] for r in table}, "results": table},
+                                                            indent=1))
+    _heatmap(trials, lengths)
+    print("\n".join(lines))
+
+
+def _heatmap(trials, lengths) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(trials)
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.2 * len(keys) + 1, 3.2), squeeze=False)
+    bins = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0001]
+    for ax, key in zip(axes[0], keys):
+        grid = [[float("nan")] * len(lengths) for _ in range(len(bins) - 1)]
+        for j, n in enumerate(lengths):
+            for i in range(len(bins) - 1):
+                recs = [t["passed"] for t in trials[key] if t["length"] == n and bins[i] <= t["depth"] < bins[i + 1]]
+                if recs:
+                    grid[i][j] = sum(recs) / len(recs)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(bins) - 1), ["0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"], fontsize=7)
+        ax.set_title(f"{key[0]}\n{key[1]}", fontsize=7)
+    axes[0][0].set_ylabel("depth")
+    fig.suptitle("passkey accuracy (green = pass)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "eval_retrieval.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=lambda s: s.split(","), default=["today", "compact_pf"])
+    p.add_argument("--lengths", type=_ints, default=[16384, 32768])
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--trials", type=int, default=1, help="trials per depth")
+    p.add_argument("--haystacks", type=lambda s: s.split(","), default=["filler"])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the trial files")
+    args = p.parse_args(argv)
+    if args.report:
+        report()
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
