@@ -201,7 +201,7 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     ds["gradient_clipping"] = cfg.train.grad_clip
     if cfg.train.optimizer == "torch_adamw":
         ds.pop("optimizer", None)
-        # A client torch optimizer with ZeRO offload is refused unless this is false (shared/FACTS.md).
+        # A client torch optimizer with ZeRO offload is refused unless this is false (docs/facts.md).
         ds["zero_force_ds_cpu_optimizer"] = False
     else:
         if "optimizer" not in ds:

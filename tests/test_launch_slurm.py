@@ -4,7 +4,7 @@ single-process losses of that test (shared, computed once per session).
 
 Set-up installs Debian ``slurm-wlm`` and ``munge`` with apt when they are missing (skipped, with the reason,
 only when apt cannot install them), starts munged, slurmctld and slurmd from a private slurm.conf, and stops
-them afterwards (shared/FACTS.md lists the settings that work here).
+them afterwards (docs/facts.md lists the settings that work here).
 """
 
 from __future__ import annotations

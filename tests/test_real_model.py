@@ -17,7 +17,7 @@ from ds_msattn.models import load_model, load_tokenizer
 pytestmark = pytest.mark.slow
 
 # label -> perplexity on the first two 4096-token windows of Hamlet (measured with ds-msattn demo).
-# The same six values were measured with an independent prototype of the definition (shared/FACTS.md).
+# The same six values were measured with an independent prototype of the definition (docs/design.md, "MS attention, exact definition").
 PINNED = {
     "dense (sdpa)": 33.30,
     "c=16 K=128 m=16, no sink": 37.19,
