@@ -49,6 +49,7 @@ GIB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.05
+HOST_RUNTIME_GIB = 0.6  # one process' host memory before the model: Python, torch, DeepSpeed, transformers (CPU)
 # (file in ds_configs/, ZeRO stage, offload), fastest first: the order the planner tries them in.
 DS_CONFIGS = (
     ("zero3.json", 3, "none"),
@@ -107,6 +108,8 @@ class PlanConfig:
     """gpu, or cpu (the measurable setting: no CUDA context, fp32)"""
     optimizer_step: bool = True
     """count optimizer states (False: a forward + backward only)"""
+    zero_init: bool = True
+    """ZeRO-3 builds the model inside deepspeed.zero.Init (parallel.zero_init); False: a full copy per process first"""
 
     def __post_init__(self):
         positive = ("seq_len", "gpus", "nodes", "lora_rank", "region_size", "top_k", "merge", "micro_batch")
@@ -156,6 +159,8 @@ class Plan:
     """per_gpu_gib less what persists between steps and runtime: what a loaded process grows by during a step
     (the quantity measured on the CPU)"""
     nvme_gib: float = 0.0
+    load_host_gib: float = 0.0
+    """peak host memory of one process while it loads (model build, peft, DeepSpeed engine), see load_host_bytes"""
     trainable_params: int = 0
     total_params: int = 0
     notes: list[str] = field(default_factory=list)
@@ -237,6 +242,29 @@ def model_state_bytes(cfg: PlanConfig, zero: int, offload: str, world: int) -> t
     if mixed and zero in (2, 3) and offload != "nvme" and cfg.optimizer_step:
         host = _deepspeed_host_bytes(cfg, zero, offload, train, frozen, largest)
     return states, host, nvme
+
+
+def load_host_bytes(cfg: PlanConfig, zero: int, world: int) -> float:
+    """Peak host bytes of one process while it loads the model (build, peft, ``deepspeed.initialize``).
+
+    Under ZeRO-3 with zero.Init a process holds its 1/world partition of every parameter plus the module being
+    built (gathered for its random init or its checkpoint tensors); otherwise a full copy. peft's
+    ``modules_to_save`` copies (embeddings, norms) are full on every process until the engine partitions them;
+    the engine adds its fp32 master partition of the trainable parameters. Plus the process runtime (Python,
+    torch, DeepSpeed, transformers, gloo; measured on CPU: ``HOST_RUNTIME_GIB``). Measured for a 1.1B Llama on
+    2 CPU ranks in benchmarks/results/load_memory.md.
+    """
+    s = cfg.model
+    pb = 2 if cfg.dtype == "bf16" else 4
+    total = s.total_params()
+    train = trainable_params(s, cfg.lora, cfg.lora_rank)
+    if zero == 3 and cfg.zero_init:
+        model = pb * (total / world + s.largest_module_params())
+    else:
+        model = pb * total
+    copies = pb * train if cfg.lora else 0.0
+    master = 4 * train / world if zero in (2, 3) else 0.0
+    return HOST_RUNTIME_GIB * GIB + model + copies + master
 
 
 def _deepspeed_host_bytes(cfg: PlanConfig, zero: int, offload: str, train: int, frozen: int, largest: int) -> float:
@@ -412,6 +440,7 @@ def plan_one(cfg: PlanConfig, zero: int, offload: str, sp: int) -> Plan:
         gpu_mem_gib=cfg.gpu_mem_gib,
         increment_gib=round(increment / GIB, 4),
         nvme_gib=round(nvme / GIB, 3),
+        load_host_gib=round(load_host_bytes(cfg, zero, world) / GIB, 3),
         trainable_params=train,
         total_params=s.total_params(),
         notes=notes,
@@ -466,6 +495,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--loss-chunk", type=int, default=2048,
                    help="tokens per loss chunk (ds_msattn.train chunks by 2048; 0: unchunked, as HF's own loss)")
+    p.add_argument("--no-zero-init", dest="zero_init", action="store_false",
+                   help="ZeRO-3 without deepspeed.zero.Init (parallel.zero_init: false): each process loads a full copy")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -483,6 +514,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         zero=args.zero,
         offload=args.offload,
         checkpointing=args.checkpointing == "on",
+        zero_init=args.zero_init,
         attn=args.attn,
         region_size=args.region_size,
         top_k=args.top_k,
@@ -504,6 +536,8 @@ def format_plan(cfg: PlanConfig, plan: Plan) -> str:
         lines.append(f"  {key:<22} {value:10.3f} GiB")
     lines.append(f"  {'per GPU':<22} {plan.per_gpu_gib:10.3f} GiB of {cfg.gpu_mem_gib:g}")
     lines.append(f"  {'host per node':<22} {plan.host_gib:10.3f} GiB" + (f" (+ NVMe {plan.nvme_gib:.1f} GiB)" if plan.nvme_gib else ""))
+    lines.append(f"  {'host per process, load':<22} {plan.load_host_gib:10.3f} GiB"
+                 + ("" if plan.zero == 3 and cfg.zero_init else " (full copy per process)"))
     lines += [f"  note: {n}" for n in plan.notes]
     lines.append("  verdict: " + ("FITS" if plan.fits else "DOES NOT FIT"))
     return "\n".join(lines)
