@@ -35,15 +35,18 @@ class LineProgress:
 
     def line(self) -> str:
         elapsed = self.clock() - self.start
-        text = f"{self.desc}: {self.n}/{self.total} {self.unit}, {_duration(elapsed)} elapsed"
-        if 0 < self.n < self.total:
+        n = round(self.n, 6)
+        done = f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}"
+        text = f"{self.desc}: {done}/{self.total} {self.unit}, {_duration(elapsed)} elapsed"
+        if 0 < n < self.total:
             text += f", about {_duration(elapsed / self.n * (self.total - self.n))} left"
         return text
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: float = 1) -> None:
         self.n += n
         now = self.clock()
-        if self.enabled and (now - self.last >= self.interval or (self.n >= self.total and now - self.start >= self.interval)):
+        finished = self.n >= self.total - 1e-9
+        if self.enabled and (now - self.last >= self.interval or (finished and now - self.start >= self.interval)):
             self.last = now
             print(self.line(), file=self.stream or sys.stderr, flush=True)
 
@@ -57,8 +60,33 @@ def progress_bar(total: int, desc: str, unit: str):
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, file=sys.stderr,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} " + unit + " [{elapsed}<{remaining}]")
     return LineProgress(total, desc, unit, enabled=enabled)
+
+
+class LayerProgress:
+    """Evaluation progress in units of one prefill each (a perplexity window, a passkey trial), advanced per layer.
+
+    A forward hook on every decoder layer adds ``1 / layers`` of a unit per pass over more than one token, so a
+    bar over units moves (and estimates the time left) while a long window runs; decoding steps (one token) are
+    not counted. ``bar`` is what :func:`progress_bar` returns.
+    """
+
+    def __init__(self, bar, layers):
+        self.bar, self.layers = bar, len(layers)
+        self.handles = [layer.register_forward_hook(self._on_forward) for layer in layers]
+
+    def _on_forward(self, _module, _args, output) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if getattr(out, "dim", lambda: 0)() >= 2 and out.shape[1] > 1:
+            self.bar.update(1.0 / self.layers)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.bar.close()
 
 
 class StepProgress:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ds_msattn.attention.options import DEFAULT_OPTIONS, FAR_POSITIONS, SCORES, SELECT_PER
+from ds_msattn.logs import OneLineArgumentParser, run_command, say
 
 
 def _ints(text: str) -> list[int]:
@@ -52,11 +53,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in fp32 either way)")
     p.add_argument("--output", required=True, help="JSON results file (a PNG is written beside it)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-window/per-trial lines (progress stays on stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-msattn eval", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="ds-msattn eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="task", required=True)
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
     _model_args(pk)
@@ -130,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .loading import load_eval_model, prepare_length
 
+    text_file = getattr(args, "text_file", None)
+    if text_file and not Path(text_file).is_file():  # before the model loads
+        raise FileNotFoundError(2, "No such file or directory", text_file)
     t0 = time.perf_counter()
+    say(f"eval {args.task}: loading {args.model} ({spec.describe()})")
     tokenizer = load_tokenizer(args.model)
     model = load_eval_model(spec, device=args.device)
+    from ds_msattn.progress import LayerProgress, progress_bar
+
+    layers = model.model.layers  # progress bars advance per decoder layer of each prefill
     report = {
         "command": "ds-msattn eval " + shlex.join(argv), "model": args.model, "setup": spec.describe(),
         "attention": args.attn, "rope": args.rope, "rope_factor": args.rope_factor, "adapter": args.adapter,
@@ -145,14 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         from .passkey import run_passkey
         from .plots import plot_passkey
 
-        res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, prepare=lambda n: prepare_length(model, spec, n), log=log,
-                          haystack=args.haystack, diagnose=args.diagnose, trials_file=args.trials_file)
+        n_trials = len(args.lengths) * args.trials * (len(args.depths) if args.depths else 1)
+        ticker = LayerProgress(progress_bar(n_trials, f"passkey at {','.join(map(str, args.lengths))}", "trials"), layers)
+        try:
+            res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                              seed=args.seed, max_new_tokens=args.max_new_tokens,
+                              prepare=lambda n: prepare_length(model, spec, n), log=log, haystack=args.haystack,
+                              diagnose=args.diagnose, trials_file=args.trials_file)
+        finally:
+            ticker.close()
         report.update(res)
         plot_passkey(report, out.with_suffix(".png"))
     elif args.task == "ppl":
         from .plots import plot_ppl
-        from .ppl import perplexity, tokenize_documents
+        from .ppl import count_windows, perplexity, tokenize_documents
 
         enough = (max(args.context), args.max_windows) if args.max_windows else None
         docs = tokenize_documents(tokenizer, _texts(args), min_tokens=min(args.context), enough=enough)
@@ -162,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for ctx in args.context:
             prepare_length(model, spec, ctx)
-            row = perplexity(model, [ids for _, ids in docs], ctx, args.stride, args.max_windows, log=log)
+            ids_list = [ids for _, ids in docs]
+            ticker = LayerProgress(progress_bar(count_windows(ids_list, ctx, args.stride, args.max_windows),
+                                                f"ppl at {ctx}", "windows"), layers)
+            try:
+                row = perplexity(model, ids_list, ctx, args.stride, args.max_windows, log=log)
+            finally:
+                ticker.close()
             log(f"ppl L={ctx}: {row['ppl']:.3f} over {row['scored_tokens']} tokens, {row['windows']} windows, {row['seconds']} s")
             rows.append(row)
         report["results"] = rows
@@ -188,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("ds-msattn eval", main, sys.argv[1:]))
