@@ -7,7 +7,6 @@ out of the box and how the sink region recovers most of it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -88,7 +87,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ds-msattn demo", description=__doc__.splitlines()[0])
+    from .logs import OneLineArgumentParser  # errors as one line, exit code 2
+
+    parser = OneLineArgumentParser(prog="ds-msattn demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="alias or model directory (default smollm2)")
     parser.add_argument("--work", default="hamlet", help="work of the built-in Shakespeare corpus")
     parser.add_argument("--window", type=int, default=4096, help="tokens per window")

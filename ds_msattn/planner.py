@@ -474,7 +474,9 @@ def check_fit(cfg: PlanConfig) -> Plan:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ds-msattn plan", description="Will this model, at this length, fit?")
+    from .logs import OneLineArgumentParser  # errors as one line, exit code 2
+
+    p = OneLineArgumentParser(prog="ds-msattn plan", description="Will this model, at this length, fit?")
     p.add_argument("--model", required=True, help="preset (llama2-7b, ...), model directory or config.json")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node")

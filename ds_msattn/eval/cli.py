@@ -1,4 +1,4 @@
-"""``ds-msattn eval passkey|ppl|recursive``: long-context evaluation from the command line.
+"""``ds-msattn eval passkey|ppl|stream``: long-context evaluation from the command line.
 
 Each subcommand writes a JSON file (``--output``) with the exact command, the model set-up and the
 results, and a PNG beside it (same name, ``.png``).
@@ -81,17 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=int, default=None, help="sliding stride (default: non-overlapping)")
     pp.add_argument("--max-windows", type=int, default=None, help="windows per context length")
     pp.add_argument("--max-tokens", type=int, default=None, help="tokens per document read")
-    rc = sub.add_parser("recursive", help="bounded-memory chunked inference: NLL of a long input and a greedy continuation")
-    _model_args(rc)
-    src = rc.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file", default=None)
-    src.add_argument("--corpus", default=None)
-    rc.add_argument("--max-tokens", type=int, default=None)
-    rc.add_argument("--chunk", type=int, default=1024, help="tokens per chunk (multiple of merge*region_size)")
-    rc.add_argument("--window-regions", type=int, default=64, help="exact history regions kept (plus sinks)")
-    rc.add_argument("--scales", type=_ints, default=[1, 2, 8], help="summary scales in regions, e.g. 1,2,8")
-    rc.add_argument("--summary-slots", type=int, default=64, help="summaries kept per scale")
-    rc.add_argument("--new-tokens", type=int, default=16)
+    from .stream import add_stream_args
+
+    add_stream_args(sub, _model_args)
     return parser
 
 
@@ -135,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if text_file and not Path(text_file).is_file():  # before the model loads
         raise FileNotFoundError(2, "No such file or directory", text_file)
     t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.model)  # a bad --model fails here, before any output
     say(f"eval {args.task}: loading {args.model} ({spec.describe()})")
-    tokenizer = load_tokenizer(args.model)
     model = load_eval_model(spec, device=args.device)
     from ds_msattn.progress import LayerProgress, progress_bar
 
@@ -187,20 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         report["results"] = rows
         plot_ppl(report, out.with_suffix(".png"))
-    else:
-        from .recursive import RecursiveConfig, RecursiveRunner
-        from .ppl import tokenize_documents
+    else:  # stream (alias recursive)
+        from .stream import run_stream
 
-        name, ids = tokenize_documents(tokenizer, _texts(args), max_documents=1)[0]
-        if args.max_tokens:
-            ids = ids[: args.max_tokens]
-        prepare_length(model, spec, ids.shape[0])
-        cfg = RecursiveConfig(**spec.ms_params, chunk=args.chunk, window_regions=args.window_regions,
-                              scales=tuple(args.scales), summary_slots=args.summary_slots)
-        runner = RecursiveRunner(model, cfg)
-        res = runner.run(ids, new_tokens=args.new_tokens, log=log)
-        res["continuation"] = tokenizer.decode(res["new_tokens"])
-        report.update(document=name, tokens=int(ids.shape[0]), recursive=cfg.__dict__ | {"scales": list(cfg.scales)}, **res)
+        report.update(run_stream(args, model, tokenizer, spec, None if args.passkey_lengths else _texts(args), log))
     report["seconds_total"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(report, indent=1))
     log(f"wrote {out}")
