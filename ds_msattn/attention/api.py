@@ -103,7 +103,7 @@ def ms_attention(
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
     sel = select_regions(q, k, **params, **rotary)
-    mover = KeyMover(options, inv_freq.to(q.device), region_size, merge) if options.moves_keys else None
+    mover = KeyMover(options, inv_freq.to(q.device), region_size, merge, max_shift=T) if options.moves_keys else None
     if backend == "triton":
         return _triton_attention(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale), mover=mover)
     return ms_attention_torch(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale), mover=mover)

@@ -109,12 +109,19 @@ def _cos_sin(angle_positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., D]`` by ``shift`` positions (broadcastable to ``x[..., 0]``): RoPE at p -> at p + shift."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    cos, sin = _cos_sin(shift, inv_freq, torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype)
     x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., D]`` by ``shift`` positions (broadcastable to ``x[..., 0]``): RoPE at p -> at p + shift."""
+    return _apply(x, *_cos_sin(shift, inv_freq, _compute_dtype(x)))
 
 
 def unrotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -189,9 +196,27 @@ class KeyMover:
         B, Hq = ids.shape[:2]
         return shift.reshape(B * Hq, b1 - b0, s * self.region_size)
 
+    max_shift: int = 0
+    """bound on ``|p' - p|`` (the input length): cos/sin come from a table of every shift, not from trig per key"""
+
+    def _table(self, dtype: torch.dtype):
+        cache = self.__dict__.setdefault("_tables", {})
+        if dtype not in cache:
+            shifts = torch.arange(-self.max_shift, self.max_shift + 1, device=self.inv_freq.device)
+            cache[dtype] = _cos_sin(shifts, self.inv_freq, dtype)  # [2*max_shift + 1, D/2] each
+        return cache[dtype]
+
+    def _rotate(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if self.max_shift <= 0 or int(shift.abs().max()) > self.max_shift:
+            return rotate(x, shift, self.inv_freq)
+        cos, sin = self._table(_compute_dtype(x))
+        index = (shift + self.max_shift).reshape(-1)
+        shape = (*shift.shape, cos.shape[-1])
+        return _apply(x, cos.index_select(0, index).view(shape), sin.index_select(0, index).view(shape))
+
     def move(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return rotate(keys, shift, self.inv_freq)
+        return self._rotate(keys, shift)
 
     def move_back(self, grad: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the unmoved keys: a rotation is orthogonal, its transpose rotates back."""
-        return rotate(grad, -shift, self.inv_freq)
+        return self._rotate(grad, -shift)

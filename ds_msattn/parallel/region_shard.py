@@ -313,7 +313,7 @@ def region_sharded_attention(
     mover = None
     if options.moves_keys:  # positions follow the global region ids and global block ids
         mover = KeyMover(options, inv_freq, c, m, positions_sel=torch.cat([dummy, sel], dim=2),
-                         block_offset=rank * (Rl // m) - F // m)
+                         block_offset=rank * (Rl // m) - F // m, max_shift=world * Tl)
     out = MSAttentionFunction.apply(qb, kb, vb, sel_buf, c, m, float(scale), mover)
     if stats is not None:
         stats.records.append(record)
