@@ -25,23 +25,28 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "eval_retrieval"
 MS = ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge", "16", "--sink-regions", "1"]
+
+
+def _ms(far="exact", score="rope", per="head", *more):
+    """MS rows state every option, so they do not follow the package's default."""
+    return MS + ["--far-positions", far, "--score", score, "--select-per", per, *more]
+
+
 #: name -> (label, eval arguments). "today" is the rule as the README ran it last round (exact positions, rope
 #: scores, CRD-NTK alpha 4 per length); "dense_dynamic" the baseline users would pick.
 ROWS = {
-    "dense_dynamic": ("dense + dynamic NTK (factor L/8K)", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
-    "today": ("MS exact, rope scores, CRD-NTK alpha 4 (today)", MS + ["--rope", "crd-ntk", "--rope-factor", "4"]),
-    "exact_plain": ("MS exact, rope scores, plain RoPE", MS),
-    "compact": ("MS compact, rope scores, plain RoPE", MS + ["--far-positions", "compact"]),
-    "pf": ("MS exact, position_free, plain RoPE", MS + ["--score", "position_free"]),
-    "compact_pf": ("MS compact + position_free, plain RoPE", MS + ["--far-positions", "compact", "--score", "position_free"]),
-    "capped2k_pf": ("MS capped W=2048 + position_free", MS + ["--far-positions", "capped", "--far-window", "2048",
-                                                              "--score", "position_free"]),
-    "capped6k_pf": ("MS capped W=6144 + position_free", MS + ["--far-positions", "capped", "--far-window", "6144",
-                                                              "--score", "position_free"]),
-    "grouped_pf": ("MS grouped W=2048 G=8 + position_free", MS + ["--far-positions", "grouped", "--far-window", "2048",
-                                                                  "--far-group", "8", "--score", "position_free"]),
-    "compact_pf_kv": ("MS compact + position_free + kv_group", MS + ["--far-positions", "compact", "--score",
-                                                                     "position_free", "--select-per", "kv_group"]),
+    "dense_dynamic": ("dense + dynamic NTK (factor 4)", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
+    "today": ("MS exact, rope scores, CRD-NTK alpha 4 (today)", _ms("exact", "rope", "head", "--rope", "crd-ntk",
+                                                                    "--rope-factor", "4")),
+    "exact_plain": ("MS exact, rope scores, plain RoPE", _ms()),
+    "compact": ("MS compact, rope scores, plain RoPE", _ms("compact")),
+    "pf": ("MS exact, position_free, plain RoPE", _ms("exact", "position_free")),
+    "compact_pf": ("MS compact + position_free, plain RoPE", _ms("compact", "position_free")),
+    "capped2k_pf": ("MS capped W=2048 + position_free", _ms("capped", "position_free", "head", "--far-window", "2048")),
+    "capped6k_pf": ("MS capped W=6144 + position_free", _ms("capped", "position_free", "head", "--far-window", "6144")),
+    "grouped_pf": ("MS grouped W=2048 G=8 + position_free", _ms("grouped", "position_free", "head", "--far-window",
+                                                                "2048", "--far-group", "8")),
+    "compact_pf_kv": ("MS compact + position_free + kv_group", _ms("compact", "position_free", "kv_group")),
 }
 
 

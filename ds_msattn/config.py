@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .attention.options import DEFAULT_OPTIONS, make_options
+from .attention.options import MODEL_OPTIONS, make_options
 
 
 def _check_choice(key: str, value, allowed) -> None:
@@ -67,15 +67,15 @@ class AttentionConfig:
     """m: query regions merged into one block (1 <= m <= K)."""
     sink_regions: int = 1
     """s: leading regions always attended."""
-    far_positions: str = DEFAULT_OPTIONS["far_positions"]
+    far_positions: str = MODEL_OPTIONS["far_positions"]
     """exact, compact, capped or grouped: where selected far keys sit for RoPE (docs/design.md)."""
-    far_window: int = DEFAULT_OPTIONS["far_window"]
+    far_window: int = MODEL_OPTIONS["far_window"]
     """W (tokens) of capped and grouped."""
-    far_group: int = DEFAULT_OPTIONS["far_group"]
+    far_group: int = MODEL_OPTIONS["far_group"]
     """G of grouped: far distances divided by G."""
-    score: str = DEFAULT_OPTIONS["score"]
+    score: str = MODEL_OPTIONS["score"]
     """rope or position_free: what region summaries are means of."""
-    select_per: str = DEFAULT_OPTIONS["select_per"]
+    select_per: str = MODEL_OPTIONS["select_per"]
     """head or kv_group: one selection per query head or per kv head."""
 
     def __post_init__(self):
@@ -86,13 +86,13 @@ class AttentionConfig:
             raise ValueError(f"attention.merge must satisfy 1 <= merge <= top_k={self.top_k}, got {self.merge}")
         _check_positive("attention.sink_regions", self.sink_regions, zero_ok=True)
         try:
-            make_options(**{key: getattr(self, key) for key in DEFAULT_OPTIONS})
+            make_options(**{key: getattr(self, key) for key in MODEL_OPTIONS})
         except ValueError as e:
             raise ValueError(f"attention.{e}") from None
 
     def ms_attention_dict(self) -> dict:
         return {"region_size": self.region_size, "top_k": self.top_k, "merge": self.merge,
-                "sink_regions": self.sink_regions, **{key: getattr(self, key) for key in DEFAULT_OPTIONS}}
+                "sink_regions": self.sink_regions, **{key: getattr(self, key) for key in MODEL_OPTIONS}}
 
 
 @dataclass

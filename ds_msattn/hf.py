@@ -30,15 +30,15 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from .attention import ms_attention
-from .attention.options import DEFAULT_OPTIONS, make_options
+from .attention.options import MODEL_OPTIONS, make_options
 
 NAME = "ms_attention"
 
 #: Defaults when ``config.ms_attention`` is absent or partial: 1024 keys per query, region 0 as a sink.
 DEFAULT_MS_ATTENTION = {
-    "region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 1, "backend": "auto", **DEFAULT_OPTIONS,
+    "region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 1, "backend": "auto", **MODEL_OPTIONS,
 }
-OPTION_KEYS = tuple(DEFAULT_OPTIONS)
+OPTION_KEYS = tuple(MODEL_OPTIONS)
 
 _override: Callable | None = None
 _probe: Callable | None = None

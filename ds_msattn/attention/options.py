@@ -25,7 +25,8 @@ FAR_POSITIONS = ("exact", "compact", "capped", "grouped")
 SCORES = ("rope", "position_free")
 SELECT_PER = ("head", "kv_group")
 
-#: Defaults of the option keys (the first value of each choice is the paper's rule).
+#: Defaults of the option keywords of ``ms_attention`` (the first value of each choice: the paper's rule, which
+#: needs no rotary frequencies).
 DEFAULT_OPTIONS = {
     "far_positions": "exact",
     "far_window": 2048,
@@ -33,6 +34,9 @@ DEFAULT_OPTIONS = {
     "score": "rope",
     "select_per": "head",
 }
+#: Defaults of ``config.ms_attention`` for models (transformers, recipes, ``ds-msattn eval``), where the model's
+#: rotary frequencies are at hand: the combination measured best in benchmarks/results/eval_retrieval.md.
+MODEL_OPTIONS = {**DEFAULT_OPTIONS}
 
 
 @dataclass(frozen=True)

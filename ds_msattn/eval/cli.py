@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ds_msattn.attention.options import DEFAULT_OPTIONS, FAR_POSITIONS, SCORES, SELECT_PER
+from ds_msattn.attention.options import FAR_POSITIONS, MODEL_OPTIONS, SCORES, SELECT_PER
 from ds_msattn.logs import OneLineArgumentParser, run_command, say
 
 
@@ -41,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-regions", type=int, default=1)
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "reference"], help="ms_attention backend")
     p.add_argument("--far-positions", default=None, choices=list(FAR_POSITIONS),
-                   help=f"where selected far keys sit for RoPE (default {DEFAULT_OPTIONS['far_positions']})")
+                   help=f"where selected far keys sit for RoPE (default {MODEL_OPTIONS['far_positions']})")
     p.add_argument("--far-window", type=int, default=None, help="W of capped/grouped, tokens")
     p.add_argument("--far-group", type=int, default=None, help="G of grouped")
     p.add_argument("--score", default=None, choices=list(SCORES), help="region summaries: rope or position_free")
@@ -92,7 +92,7 @@ def _spec(args):
 
     ms = dict(region_size=args.region_size, top_k=args.top_k, merge=args.merge, sink_regions=args.sink_regions,
               backend=args.backend)
-    for key in DEFAULT_OPTIONS:  # options left unset take the package defaults
+    for key in MODEL_OPTIONS:  # options left unset take the package defaults
         value = getattr(args, key)
         if value is not None:
             ms[key] = value
