@@ -57,3 +57,31 @@ def test_verbose_shows_the_traceback(tmp_path):
                     "--context", "64", "--output", str(tmp_path / "p.json")], tmp_path)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "model directory" in proc.stderr.strip().splitlines()[-1]
+
+
+QUIET_PROBE = """
+import warnings
+from ds_msattn.logs import setup_logging
+setup_logging()
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+get_accelerator()
+warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+from transformers.utils import logging
+logging.get_logger("transformers").warning("a transformers warning")
+print("done")
+"""
+
+
+@pytest.mark.parametrize("verbose", [pytest.param("0", id="quiet"), pytest.param("1", id="verbose")])
+def test_library_noise_is_filtered_unless_verbose(verbose):
+    env = {k: v for k, v in clean_env(1).items() if k != "DS_ACCELERATOR"} | {"DS_MSATTN_VERBOSE": verbose,
+                                                                              "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", QUIET_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if verbose == "0":
+        assert proc.stdout.strip() == "done" and proc.stderr.strip() == "", proc.stdout + proc.stderr
+    else:  # the libraries' own defaults: DeepSpeed's accelerator warning, the FutureWarning, transformers' warning
+        noise = proc.stdout + proc.stderr
+        assert "FutureWarning" in noise and "a transformers warning" in noise and "accelerator" in noise, noise
