@@ -302,24 +302,23 @@ class LayerState:
                                    options=cfg.options)  # [B, Hq, nb, S, c]
                 hk = rotate(hk.float(), shift, self.inv_freq.to(dev))
         outs = []
-        for i, (qi, (ok_, ov_)) in enumerate(zip(q, own)):
-            G = Hq // ok_.shape[1]
-            L, P = qi.shape[2], ok_.shape[2]
-            qf = qi.float()
-            s_own = torch.matmul(qf, ok_.repeat_interleave(G, 1).float().transpose(-1, -2)) * self.scale  # [B, Hq, L, P]
-            if causal:
-                s_own = s_own.masked_fill(~torch.ones(L, P, dtype=torch.bool, device=dev).tril(P - L), float("-inf"))
-            ov = ov_.repeat_interleave(G, 1).float()
-            if hk is None or not bool((sel[:, :, i] >= 0).any()):
-                outs.append(torch.matmul(torch.softmax(s_own, -1), ov).to(qi.dtype))
-                continue
-            ki = hk[:, :, i].reshape(B, Hq, S * c, -1).float()
-            vi = hv[:, :, i].reshape(B, Hq, S * c, -1).float()
-            mask = (sel[:, :, i] >= 0)[..., None].expand(B, Hq, S, c).reshape(B, Hq, 1, S * c)
-            s_h = (torch.matmul(qf, ki.transpose(-1, -2)) * self.scale).masked_fill(~mask, float("-inf"))
-            p = torch.softmax(torch.cat([s_h, s_own], -1), -1)
-            X = S * c
-            outs.append((torch.matmul(p[..., :X], vi) + torch.matmul(p[..., X:], ov)).to(qi.dtype))
+        for i, (qi, (own_k, own_v)) in enumerate(zip(q, own)):
+            G = Hq // own_k.shape[1]
+            L, P = qi.shape[2], own_k.shape[2]
+            keys, values = own_k.repeat_interleave(G, 1).float(), own_v.repeat_interleave(G, 1).float()
+            mask = torch.ones(L, P, dtype=torch.bool, device=dev).tril(P - L) if causal else None  # [L, P]
+            if hk is not None and bool((sel[:, :, i] >= 0).any()):
+                keys = torch.cat([hk[:, :, i].reshape(B, Hq, S * c, -1).float(), keys], 2)
+                values = torch.cat([hv[:, :, i].reshape(B, Hq, S * c, -1).float(), values], 2)
+                ok = (sel[:, :, i] >= 0)[..., None].expand(B, Hq, S, c).reshape(B, Hq, 1, S * c)
+                own_ok = (mask if mask is not None else torch.ones(L, P, dtype=torch.bool, device=dev))
+                if bool(ok.all()):  # one mask for every head
+                    mask = torch.cat([torch.ones(L, S * c, dtype=torch.bool, device=dev), own_ok], 1)
+                else:
+                    mask = torch.cat([ok.expand(B, Hq, L, S * c), own_ok.expand(B, Hq, L, P)], 3)
+            # One softmax over the selected regions and the own block (a fused kernel: no [L, keys] scores kept).
+            out = F.scaled_dot_product_attention(qi.float(), keys, values, attn_mask=mask, scale=self.scale)
+            outs.append(out.to(qi.dtype))
         return outs
 
     def _query_summaries(self, q: torch.Tensor, start: int, per_region: bool) -> torch.Tensor:

