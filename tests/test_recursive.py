@@ -28,6 +28,7 @@ PARAMS = [
 
 
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+PAPER = dict(far_positions="exact", score="rope", select_per="head")  # RecursiveConfig defaults to the model's options
 OPTIONS = [
     pytest.param({}, id="paper"),
     pytest.param(dict(far_positions="compact", score="position_free"), id="compact-free"),
@@ -57,24 +58,29 @@ def _stream(cfg, q, k, v, chunk, **kw):
 ] + [pytest.param(*PARAMS[2].values, e.values[0], id=f"{PARAMS[2].id}-{e.id}") for e in EVERYTHING[1:]])
 def test_prefill_equals_ms_attention_when_every_region_is_a_candidate(params, chunk, everything, options):
     q, k, v = _qkv(2, 4, 2, 150, 8)
-    cfg = RecursiveConfig(**params, chunk=chunk, **everything, **options, store_memory_gib=0, store_segment_mib=0.002)
+    cfg = RecursiveConfig(**params, chunk=chunk, **everything, **{**PAPER, **options}, store_memory_gib=0,
+                          store_segment_mib=0.002)
     got, state = _stream(cfg, q, k, v, chunk, inv_freq=INV_FREQ)
     want = ms_attention(q, k, v, **params, **options, rope_inv_freq=INV_FREQ)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert state.store.disk_bytes > 0 and state.store.ram_bytes == 0  # read back through memory-mapped files
 
 
-@pytest.mark.parametrize("params,chunk", PARAMS)
-def test_decode_equals_ms_attention_decode(params, chunk):
+@pytest.mark.parametrize("params,chunk,options", [
+    pytest.param(*p.values, {}, id=f"{p.id}-paper") for p in PARAMS
+] + [pytest.param(*PARAMS[2].values, o.values[0], id=f"{PARAMS[2].id}-{o.id}") for o in (OPTIONS[1], OPTIONS[3])])
+def test_decode_equals_ms_attention_decode(params, chunk, options):
     q, k, v = _qkv(1, 4, 2, 130, 8, seed=1)
     prompt = 37  # not block aligned: the last block is left pending
-    cfg = RecursiveConfig(**params, chunk=chunk, window_regions=1000)
-    state = LayerState(cfg, scale=8**-0.5)
+    cfg = RecursiveConfig(**params, chunk=chunk, window_regions=1000, **{**PAPER, **options})
+    state = LayerState(cfg, scale=8**-0.5, inv_freq=INV_FREQ)
     pre = state.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
-    torch.testing.assert_close(pre, ms_attention(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], **params), atol=2e-5, rtol=2e-5)
+    want = ms_attention(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], **params, **options, rope_inv_freq=INV_FREQ)
+    torch.testing.assert_close(pre, want, atol=2e-5, rtol=2e-5)
     for t in range(prompt, 130):
         got = state.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-        want = ms_attention_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], **params)
+        want = ms_attention_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], **params, **options,
+                                   rope_inv_freq=INV_FREQ)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"token {t}: {m}")
 
 
@@ -85,7 +91,7 @@ def test_store_is_exact_state_bounded_and_memory_map_changes_nothing(options):
     in-memory state (the pending block) stays bounded."""
     c, m = 4, 2
     base = dict(region_size=c, top_k=6, merge=m, sink_regions=1, chunk=16, window_regions=4, scales=(1, 2, 8), beam=2,
-                **options)
+                **{**PAPER, **options})
     T = 480
     q, k, v = _qkv(1, 2, 1, T, 8, seed=2)
     ram, s_ram = _stream(RecursiveConfig(**base, store_memory_gib=1), q, k, v, 16, inv_freq=INV_FREQ)
@@ -182,7 +188,7 @@ def test_runner_memory_map_equals_in_memory_run():
     ids = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4))
     base = dict(**params, chunk=32, window_regions=4, scales=(1, 2, 8), beam=2, far_positions="compact",
                 score="position_free", local_regions=1)
-    for dtype in ("float32", "float16"):
+    for dtype in ("float16",):  # fp32 is covered by the LayerState test above
         res = []
         for memory in (1.0, 0.0):
             runner = RecursiveRunner(model, RecursiveConfig(**base, store_dtype=dtype, store_memory_gib=memory,

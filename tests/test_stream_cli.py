@@ -32,9 +32,9 @@ def test_stream_cli_passkey_and_text(tiny_dir, tmp_path):  # noqa: F811
               "--score", "position_free", "--store-memory-gib", "0", "--store-dtype", "float16",
               "--store-dir", str(tmp_path / "store"), "--quiet"]
     out = tmp_path / "pk.json"
-    assert main(["stream", "--passkey-lengths", "300,420", "--trials", "2", "--output", str(out), *common]) == 0
+    assert main(["stream", "--passkey-lengths", "300", "--trials", "2", "--output", str(out), *common]) == 0
     rep = json.loads(out.read_text())
-    assert set(rep["passed"]) == {"300", "420"} and len(rep["trials"]) == 4
+    assert set(rep["passed"]) == {"300"} and len(rep["trials"]) == 2
     assert all(t["store_disk_gib"] > 0 and t["prefill_tokens_per_s"] > 0 for t in rep["trials"])
     assert rep["stream"]["far_positions"] == "compact" and rep["stream"]["score"] == "position_free"
     out = tmp_path / "text.json"

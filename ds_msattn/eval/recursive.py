@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ds_msattn.attention.options import key_shifts, make_options, rotate, unrotate
+from ds_msattn.attention.options import MODEL_OPTIONS, key_shifts, make_options, rotate, unrotate
 from ds_msattn.attention.selection import _order_key, _validate_params, per_query_head, ranking_queries, region_means
 
 from .store import RegionStore, store_dtype
@@ -69,11 +69,12 @@ class RecursiveConfig:
     """regions per summary at each level: 1 first, each dividing the next"""
     beam: int = 32
     """summaries kept per coarse level (their children are scored at the next finer level)"""
-    far_positions: str = "exact"
-    far_window: int = 2048
-    far_group: int = 4
-    score: str = "rope"
-    select_per: str = "head"
+    far_positions: str = MODEL_OPTIONS["far_positions"]
+    """options of ms_attention (attention/options.py), defaults as for models (config.ms_attention)"""
+    far_window: int = MODEL_OPTIONS["far_window"]
+    far_group: int = MODEL_OPTIONS["far_group"]
+    score: str = MODEL_OPTIONS["score"]
+    select_per: str = MODEL_OPTIONS["select_per"]
     store_dtype: str | None = None
     """float32 | float16 | bfloat16 for the stored k and v (default: the model's dtype)"""
     store_memory_gib: float = 4.0
