@@ -181,7 +181,7 @@ def test_runner_rejects_dynamic_rope():
 
 def test_runner_memory_map_equals_in_memory_run():
     """Tiny model, 600 tokens through a 4-region window and a narrow beam with compact positions and
-    position-free scores: forcing the memory-mapped store (fp16 and fp32) changes no logit and no generated
+    position-free scores: forcing the memory-mapped store (fp16) changes no logit and no generated
     token; per-segment NLL adds up to the whole."""
     params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
     model = _tiny_models(params)
