@@ -2,7 +2,8 @@
 
 ``python -m ds_msattn.kernels.aot [80 90]`` compiles the forward, dq and dk/dv kernels with their largest
 autotuning configuration (head dim 128, bf16) to PTX and cubin with Triton's bundled ptxas, and prints the
-shared memory each needs. This catches what the interpreter cannot: types, layouts, register and shared
+shared memory each needs; ``*_moved`` are the same kernels with keys rotated on load (``far_positions``:
+``grouped``, whose rotation is the general one, and ``compact`` for the dk/dv kernel). This catches what the interpreter cannot: types, layouts, register and shared
 memory limits. TRITON_INTERPRET must be unset (the interpreter replaces ``@triton.jit`` functions).
 """
 
@@ -19,11 +20,12 @@ from triton.compiler import ASTSource
 from .backward import ms_attention_dkdv_kernel, ms_attention_dq_kernel
 from .forward import ms_attention_fwd_kernel
 from .function import DKDV_CONFIGS, QUERY_CONFIGS
+from .rotary import MOVE_CODES
 
 #: Shared memory per block available to a kernel (bytes, opt-in maximum): A100 / H100.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-_INTS = ["T", "NB", "S", "HQ", "G", "C", "MERGE", "MC", "D", "DV"]
+_INTS = ["T", "NB", "S", "HQ", "G", "C", "MERGE", "MC", "D", "DV", "W", "GROUP"]
 
 
 def _signature(pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: list[str]) -> dict:
@@ -36,25 +38,37 @@ def _signature(pointers: dict[str, str], ints: list[str], floats: list[str], con
 
 def kernel_specs(head_dim: int = 128, dtype: str = "bf16", region_size: int = 16) -> dict:
     """``name -> (kernel, signature, constexprs, options)`` for the largest configuration of each kernel."""
+    specs = _plain_specs(head_dim, dtype, region_size)
+    for name, move in (("fwd", MOVE_CODES["grouped"]), ("dq", MOVE_CODES["grouped"]), ("dkdv", MOVE_CODES["compact"]),
+                       ("dkdv", MOVE_CODES["grouped"])):
+        fn, sig, constexprs, options = specs[name]
+        key = f"{name}_moved" if name != "dkdv" else f"dkdv_moved_{move}"
+        specs[key] = (fn, sig, {**constexprs, "MOVE": move}, options)
+    return specs
+
+
+def _plain_specs(head_dim: int, dtype: str, region_size: int) -> dict:
     t = "*" + dtype
     dot = {"DOT_DTYPE": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype],
            "PREC": "ieee" if dtype == "fp32" else "tf32"}
     blocks = {"BLOCK_D": head_dim, "BLOCK_DV": head_dim}
-    cexp = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_DTYPE", "PREC"]
+    cexp = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_DTYPE", "PREC", "MOVE"]
     bm, bn, warps, stages = max(QUERY_CONFIGS, key=lambda c: (c[0] * c[1], c[3]))
-    query = {"BLOCK_M": bm, "BLOCK_N": bn, **blocks, **dot}
+    query = {"BLOCK_M": bm, "BLOCK_N": bn, **blocks, **dot, "MOVE": 0}
     kv_bm, kv_warps, kv_stages = max(DKDV_CONFIGS, key=lambda c: (c[0], c[2]))
     return {
         "fwd": (
             ms_attention_fwd_kernel,
-            _signature({"Q": t, "K": t, "V": t, "SEL": "*i64", "O": t, "LSE2": "*fp32"}, _INTS, ["scale_log2e"], cexp),
+            _signature({"Q": t, "K": t, "V": t, "SEL": "*i64", "O": t, "LSE2": "*fp32", "ROT": "*fp32"}, _INTS,
+                       ["scale_log2e"], cexp),
             query,
             {"num_warps": warps, "num_stages": stages},
         ),
         "dq": (
             ms_attention_dq_kernel,
             _signature(
-                {"Q": t, "K": t, "V": t, "SEL": "*i64", "DO": t, "LSE2": "*fp32", "DELTA": "*fp32", "DQ": t},
+                {"Q": t, "K": t, "V": t, "SEL": "*i64", "DO": t, "LSE2": "*fp32", "DELTA": "*fp32", "DQ": t,
+                 "ROT": "*fp32"},
                 _INTS, ["scale", "scale_log2e"], cexp,
             ),
             query,
@@ -64,10 +78,11 @@ def kernel_specs(head_dim: int = 128, dtype: str = "bf16", region_size: int = 16
             ms_attention_dkdv_kernel,
             _signature(
                 {"Q": t, "K": t, "V": t, "DO": t, "LSE2": "*fp32", "DELTA": "*fp32", "OFFSETS": "*i32",
-                 "ENTRIES": "*i32", "DK": t, "DV_OUT": t},
-                ["T", "NB", "R", "HQ", "G", "C", "MERGE", "MC", "D", "DV"], ["scale", "scale_log2e"], cexp,
+                 "ENTRIES": "*i32", "DK": t, "DV_OUT": t, "SLOTS": "*i32", "ROT": "*fp32"},
+                ["T", "NB", "R", "HQ", "G", "C", "MERGE", "MC", "D", "DV", "S", "W", "GROUP"], ["scale", "scale_log2e"],
+                cexp,
             ),
-            {"BLOCK_M": kv_bm, "BLOCK_N": max(16, triton.next_power_of_2(region_size)), **blocks, **dot},
+            {"BLOCK_M": kv_bm, "BLOCK_N": max(16, triton.next_power_of_2(region_size)), **blocks, **dot, "MOVE": 0},
             {"num_warps": kv_warps, "num_stages": kv_stages},
         ),
     }

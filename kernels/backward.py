@@ -19,6 +19,12 @@ themselves. The price is recomputing ``q.k`` and ``do.v`` in both backward kerne
 
 Shapes (contiguous): ``q, dq [B, Hq, T, D]``, ``k, dk [B, Hkv, T, D]``, ``v, dv [B, Hkv, T, Dv]``,
 ``o, do [B, Hq, T, Dv]``, ``lse2, delta [B, Hq, T]`` fp32, ``sel [B, Hq, NB, S]`` int64.
+
+``MOVE`` (``far_positions``, ``kernels/rotary.py``, split head layout): the dq kernel rotates selected keys on
+load as the forward kernel does; the dk/dv kernel rotates its region's key tile for each block that selected it
+(the slot rank of each selection comes with the reverse index), accumulates that block's dk at the moved
+position and rotates it back before adding it up (the transpose of a rotation is the rotation by minus its
+angle).
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .rotary import far_shift, head_columns, rotate, rotation
 
-def reverse_index(sel: torch.Tensor, num_kv_heads: int, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Who selected each region: ``(offsets [B*Hkv*R + 1], entries [E])`` int32.
+
+def reverse_index(sel: torch.Tensor, num_kv_heads: int, num_regions: int, with_slots: bool = False) -> tuple:
+    """Who selected each region: ``(offsets [B*Hkv*R + 1], entries [E])`` int32, plus ``slots [E]`` if asked.
 
     ``entries[offsets[i]:offsets[i+1]]`` lists ``h * NB + blk`` (query head h of the batch element,
     query block blk) for every selection of region ``i % R`` by a query head of kv head
     ``(i // R) % Hkv`` in batch element ``i // (Hkv*R)``. Stable sort: the order (and so the sum order in
-    the kernel) is fixed.
+    the kernel) is fixed. ``slots[e]`` is the rank of the region in that block's row of ``sel``.
     """
     B, Hq, NB, S = sel.shape
     G = Hq // num_kv_heads
@@ -47,9 +55,14 @@ def reverse_index(sel: torch.Tensor, num_kv_heads: int, num_regions: int) -> tup
     payload = (h * NB + blk).expand(B, Hq, NB, S)[valid]
     order = torch.sort(key, stable=True).indices
     entries = payload[order].to(torch.int32)
+    if with_slots:
+        slot = torch.arange(S, device=dev).view(1, 1, 1, S).expand(B, Hq, NB, S)[valid]
+        slots = slot[order].to(torch.int32)
     counts = torch.bincount(key, minlength=B * num_kv_heads * num_regions)
     offsets = torch.zeros(B * num_kv_heads * num_regions + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
+    if with_slots:
+        return offsets.to(torch.int32), entries, slots
     return offsets.to(torch.int32), entries
 
 
@@ -67,8 +80,10 @@ def ms_attention_delta_kernel(O, DO, DELTA, N, DV, BLOCK_R: tl.constexpr, BLOCK_
 
 @triton.jit
 def _dq_tile(q, do, lse2, delta, k_ptrs, v_ptrs, kmask, vmask, kv_ok, rows, toks, CAUSAL: tl.constexpr, dq,
-             scale_log2e, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+             scale_log2e, cos, sin, ROTATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
     k = tl.load(k_ptrs, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+    if ROTATE:  # far_positions: the key at its moved position (split head layout)
+        k = rotate(k, cos, sin, k.shape[0], k.shape[1] // 2)
     v = tl.load(v_ptrs, mask=vmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DV]
     s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PREC) * scale_log2e
     ok = kv_ok[None, :]
@@ -82,11 +97,11 @@ def _dq_tile(q, do, lse2, delta, k_ptrs, v_ptrs, kmask, vmask, kv_ok, rows, toks
 
 @triton.jit
 def ms_attention_dq_kernel(
-    Q, K, V, SEL, DO, LSE2, DELTA, DQ,
-    T, NB, S, HQ, G, C, MERGE, MC, D, DV,
+    Q, K, V, SEL, DO, LSE2, DELTA, DQ, ROT,
+    T, NB, S, HQ, G, C, MERGE, MC, D, DV, W, GROUP,
     scale, scale_log2e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, MOVE: tl.constexpr = 0,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -106,9 +121,8 @@ def ms_attention_dq_kernel(
     blk_end = tl.minimum((blk + 1) * MC, T)
     row_ok = (in_blk < MC) & (rows < T)
     rows64 = rows.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
+    d, d_ok = head_columns(D, BLOCK_D, MOVE != 0)
     dv = tl.arange(0, BLOCK_DV)
-    d_ok = d < D
     dv_ok = dv < DV
     q = tl.load(Q + q_base + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
@@ -118,7 +132,8 @@ def ms_attention_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    n_keys = tl.minimum(blk * MERGE, S) * C
+    count = tl.minimum(blk * MERGE, S)
+    n_keys = count * C
     sel_base = (bh.to(tl.int64) * NB + blk) * S
     n = tl.arange(0, BLOCK_N)
     for start in range(0, n_keys, BLOCK_N):
@@ -127,9 +142,15 @@ def ms_attention_dq_kernel(
         toks = region * C + j % C
         kv_ok = (j < n_keys) & (region >= 0) & (toks < T)
         toks64 = toks.to(tl.int64)
+        cos, sin = 1.0, 0.0
+        if MOVE != 0:
+            shift = tl.where(kv_ok, far_shift(region, toks, j // C, count, blk, C, MC, W, GROUP, MOVE), 0)
+            i = tl.arange(0, BLOCK_D // 2)
+            cos, sin = rotation(ROT, shift, i, i < D // 2, C, D // 2, MOVE != 1)  # [BLOCK_N, BLOCK_D // 2]
         dq = _dq_tile(q, do, lse2, delta, K + k_base + toks64[:, None] * D + d[None, :],
                       V + v_base + toks64[:, None] * DV + dv[None, :], kv_ok[:, None] & d_ok[None, :],
-                      kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, False, dq, scale_log2e, DOT_DTYPE, PREC)
+                      kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, False, dq, scale_log2e, cos, sin,
+                      MOVE != 0, DOT_DTYPE, PREC)
 
     lo = blk * MC
     hi = tl.minimum(blk * MC + (tile + 1) * BLOCK_M, blk_end)
@@ -139,7 +160,8 @@ def ms_attention_dq_kernel(
         toks64 = toks.to(tl.int64)
         dq = _dq_tile(q, do, lse2, delta, K + k_base + toks64[:, None] * D + d[None, :],
                       V + v_base + toks64[:, None] * DV + dv[None, :], kv_ok[:, None] & d_ok[None, :],
-                      kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, True, dq, scale_log2e, DOT_DTYPE, PREC)
+                      kv_ok[:, None] & dv_ok[None, :], kv_ok, rows, toks, True, dq, scale_log2e, 1.0, 0.0, False,
+                      DOT_DTYPE, PREC)
 
     tl.store(DQ + q_base + rows64[:, None] * D + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -149,11 +171,10 @@ def ms_attention_dq_kernel(
 def _dkdv_rows(Q, DO, LSE2, DELTA, qh_base, oh_base, lh_base, row_lo, row_hi, k, v, toks, kv_ok, dk, dv_acc,
                D, DV, CAUSAL: tl.constexpr, scale_log2e,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+               DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Add the contribution of query rows ``[row_lo, row_hi)`` of one head to a key tile's dk, dv."""
-    d = tl.arange(0, BLOCK_D)
+    d, d_ok = head_columns(D, BLOCK_D, SPLIT)
     dv = tl.arange(0, BLOCK_DV)
-    d_ok = d < D
     dv_ok = dv < DV
     for start in range(row_lo, row_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -179,11 +200,11 @@ def _dkdv_rows(Q, DO, LSE2, DELTA, qh_base, oh_base, lh_base, row_lo, row_hi, k,
 
 @triton.jit
 def ms_attention_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, OFFSETS, ENTRIES, DK, DV_OUT,
-    T, NB, R, HQ, G, C, MERGE, MC, D, DV,
+    Q, K, V, DO, LSE2, DELTA, OFFSETS, ENTRIES, DK, DV_OUT, SLOTS, ROT,
+    T, NB, R, HQ, G, C, MERGE, MC, D, DV, S, W, GROUP,
     scale, scale_log2e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, MOVE: tl.constexpr = 0,
 ):
     region = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -196,9 +217,8 @@ def ms_attention_dkdv_kernel(
     toks = region * C + n
     kv_ok = (n < C) & (toks < T)  # BLOCK_N >= c; the last region may be short
     toks64 = toks.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
+    d, d_ok = head_columns(D, BLOCK_D, MOVE != 0)
     dv = tl.arange(0, BLOCK_DV)
-    d_ok = d < D
     dv_ok = dv < DV
     k = tl.load(K + k_base + toks64[:, None] * D + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
@@ -216,9 +236,22 @@ def ms_attention_dkdv_kernel(
         h = entry // NB
         blk = entry % NB
         bh = (b * HQ + h).to(tl.int64)
-        dk, dv_acc = _dkdv_rows(Q, DO, LSE2, DELTA, bh * T * D, bh * T * DV, bh * T, blk * MC,
-                                tl.minimum((blk + 1) * MC, T), k, v, toks, kv_ok, dk, dv_acc, D, DV, False,
-                                scale_log2e, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_DTYPE, PREC)
+        if MOVE == 0:
+            dk, dv_acc = _dkdv_rows(Q, DO, LSE2, DELTA, bh * T * D, bh * T * DV, bh * T, blk * MC,
+                                    tl.minimum((blk + 1) * MC, T), k, v, toks, kv_ok, dk, dv_acc, D, DV, False,
+                                    scale_log2e, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_DTYPE, PREC, False)
+        else:
+            # far_positions: this block sees the keys moved; its dk is rotated back before it is added.
+            slot = tl.load(SLOTS + e)
+            count = tl.minimum(blk * MERGE, S)
+            shift = tl.where(kv_ok, far_shift(region, toks, slot, count, blk, C, MC, W, GROUP, MOVE), 0)
+            i = tl.arange(0, BLOCK_D // 2)
+            cos, sin = rotation(ROT, shift, i, i < D // 2, C, D // 2, MOVE != 1)  # [BLOCK_N, BLOCK_D // 2]
+            dk_moved, dv_acc = _dkdv_rows(Q, DO, LSE2, DELTA, bh * T * D, bh * T * DV, bh * T, blk * MC,
+                                          tl.minimum((blk + 1) * MC, T), rotate(k, cos, sin, BLOCK_N, BLOCK_D // 2),
+                                          v, toks, kv_ok, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), dv_acc, D, DV,
+                                          False, scale_log2e, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_DTYPE, PREC, True)
+            dk += rotate(dk_moved, cos, -sin, BLOCK_N, BLOCK_D // 2)
 
     # The region's own block, every query head of this kv head, causally: rows from the region start on.
     own_end = tl.minimum((region // MERGE + 1) * MC, T)
@@ -226,7 +259,7 @@ def ms_attention_dkdv_kernel(
         bh = (b * HQ + g * G + gi).to(tl.int64)
         dk, dv_acc = _dkdv_rows(Q, DO, LSE2, DELTA, bh * T * D, bh * T * DV, bh * T, region * C, own_end, k, v,
                                 toks, kv_ok, dk, dv_acc, D, DV, True, scale_log2e, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                DOT_DTYPE, PREC)
+                                DOT_DTYPE, PREC, MOVE != 0)
 
     tl.store(DK + k_base + toks64[:, None] * D + d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_ok[:, None] & d_ok[None, :])

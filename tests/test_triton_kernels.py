@@ -213,3 +213,62 @@ def test_offsets_past_int32():
     assert torch.equal(o[-1:], o1)
     for a, b in ((qg.grad[-1:], q1.grad), (kg.grad[-1:], k1.grad), (vg.grad[-1:], v1.grad)):
         assert torch.equal(a, b)
+
+
+def _rope(x, positions, freqs):
+    """Rotate ``x [B, H, T, D]`` at ``positions [B, T]`` (transformers' rotate_half, fp32 angles)."""
+    angle = positions.float()[:, None, :, None] * freqs.float()
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+# far_positions (docs/design.md, "Options of MS attention beyond the paper"): keys rotated on load in the kernels.
+# (B, Hq, Hkv, T, D, c, K, m, s, options, wrapped positions, dtype)
+FAR_CASES = [
+    pytest.param(1, 4, 2, 77, 16, 8, 5, 2, 1, dict(far_positions="compact"), False, torch.float32,
+                 id="gqa-T77-c8-compact"),
+    pytest.param(1, 2, 1, 61, 20, 4, 5, 1, 2, dict(far_positions="capped", far_window=6, score="position_free"), True,
+                 torch.float32, id="mqa-T61-c4-m1-sink2-D20-capped-position_free-wrapped"),
+    pytest.param(2, 2, 2, 70, 16, 8, 5, 2, 0, dict(far_positions="grouped", far_window=8, far_group=3), False,
+                 torch.float32, id="B2-T70-sink0-grouped"),
+    pytest.param(1, 4, 1, 75, 16, 8, 6, 2, 1, dict(far_positions="compact", score="position_free",
+                                                  select_per="kv_group"), True, torch.bfloat16,
+                 id="mqa-T75-compact-position_free-kv_group-bf16-wrapped"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,c,K,m,s,options,wrapped,dtype", FAR_CASES)
+def test_far_positions_match_reference(B, Hq, Hkv, T, D, c, K, m, s, options, wrapped, dtype):
+    """Selected keys moved in the kernels (forward, dq, dk/dv) against the float64 reference, through the API."""
+    g = torch.Generator().manual_seed(2)
+    freqs = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D).float()
+    positions = torch.arange(T).expand(B, T)
+    if wrapped:  # CRD-NTK-like: shifted, wrapped positions
+        positions = torch.remainder(torch.arange(T) + 37, 64).expand(B, T)
+    q = _rope(torch.randn(B, Hq, T, D, generator=g), positions, freqs).to(dtype)
+    k = _rope(torch.randn(B, Hkv, T, D, generator=g), positions, freqs).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    do = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    kw = dict(region_size=c, top_k=K, merge=m, sink_regions=s, rope_inv_freq=freqs, position_ids=positions, **options)
+    ref = _run(lambda q, k, v: ms_attention(q.double(), k.double(), v.double(), backend="reference", **kw),
+               q, k, v, do.double(), device="cpu")
+    kw_dev = {**kw, "rope_inv_freq": freqs.to(DEVICE), "position_ids": positions.to(DEVICE)}
+    got = _run(lambda q, k, v: ms_attention(q, k, v, backend="triton", **kw_dev), q, k, v, do)
+    exact = _run(lambda q, k, v: ms_attention(q.double(), k.double(), v.double(), backend="reference",
+                                              **{**kw, "far_positions": "exact"}), q, k, v, do.double(), device="cpu")
+    for name, a, r, e in zip(("o", "dq", "dk", "dv"), got, ref, exact):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        err = _rel_err(a, r)
+        assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+        assert _rel_err(e, r) > 5 * TOL[dtype], f"{name}: the case does not tell the moved keys from exact ones"
+
+
+def test_far_positions_rejects_a_mover_of_another_call():
+    from ds_msattn.attention.options import KeyMover, MSOptions
+
+    q, k, v, _ = _inputs(1, 2, 2, 16, 16, 16, torch.float32)
+    sel = select_regions(q, k, region_size=4, top_k=4, merge=2)
+    mover = KeyMover(MSOptions(far_positions="compact"), torch.ones(8), region_size=4, merge=1)
+    with pytest.raises(ValueError, match="mover was made for"):
+        ms_attention_triton(q, k, v, sel, region_size=4, merge=2, mover=mover)
