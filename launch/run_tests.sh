@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sets up the environment (launch/setup_env.sh) and runs the whole test suite (what CI runs: .ci/run).
-# Extra arguments go to pytest (e.g. bash launch/run_tests.sh tests/test_docs.py -x).
+# Arguments, if any, replace the test selection (e.g. bash launch/run_tests.sh tests/test_docs.py -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${DS_MSATTN_CACHE:-$HOME/.cache/ds_msattn}/torch_extensions}"
-[ $# -eq 0 ] && echo "tests: the whole suite (9-14 min on a 2-core CPU, about 270 tests; a dot per test)"
-exec .venv/bin/python -m pytest -q -ra tests "$@"
+if [ $# -eq 0 ]; then
+  echo "tests: the whole suite (9-14 min on a 2-core CPU, about 270 tests; a dot per test)"
+  set -- tests
+fi
+exec .venv/bin/python -m pytest -q -ra "$@"
