@@ -172,7 +172,8 @@ def test_decoding_with_options_gets_the_cache_positions():
     q = torch.zeros(1, 4, 2, 16)
     got = _rotary_kwargs(cfg, params, torch.tensor([[105, 106]]), q, Tk=30)
     assert got["position_ids"].tolist() == [list(range(77, 107))]
-    assert _rotary_kwargs(cfg, DEFAULT_MS_ATTENTION, None, q, Tk=30) == {}  # nothing rotates: nothing computed
+    paper_rule = {**DEFAULT_MS_ATTENTION, "far_positions": "exact", "score": "rope"}
+    assert _rotary_kwargs(cfg, paper_rule, None, q, Tk=30) == {}  # nothing rotates: nothing computed
 
 
 def test_decoding_with_options_acts():

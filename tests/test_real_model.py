@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ds_msattn.corpora import corpus_texts
-from ds_msattn.demo import SETTINGS, text_windows, window_nll
+from ds_msattn.demo import PAPER_RULE, SETTINGS, text_windows, window_nll
 from ds_msattn.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_dense_regime_gives_sdpa_logits(smollm2, hamlet):
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
         dense = model(ids).logits
-        model.config.ms_attention = {"region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 0}
+        model.config.ms_attention = {"region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 0, **PAPER_RULE}
         model.set_attn_implementation("ms_attention")
         ms = model(ids).logits
     torch.testing.assert_close(ms, dense, atol=2e-3, rtol=1e-3)

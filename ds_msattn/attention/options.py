@@ -36,7 +36,7 @@ DEFAULT_OPTIONS = {
 }
 #: Defaults of ``config.ms_attention`` for models (transformers, recipes, ``ds-msattn eval``), where the model's
 #: rotary frequencies are at hand: the combination measured best in benchmarks/results/eval_retrieval.md.
-MODEL_OPTIONS = {**DEFAULT_OPTIONS}
+MODEL_OPTIONS = {**DEFAULT_OPTIONS, "far_positions": "compact", "score": "position_free"}
 
 
 @dataclass(frozen=True)
