@@ -6,7 +6,10 @@
 Shapes: B=1, bf16, causal; heads (Hq=32, Hkv=8, D=128) and (Hq=Hkv=8, D=64); T = 4K..64K; MS attention with
 c=16 K=64 m=16 and the paper's c=16 K=512 m=128, one sink region. Each time is the median of
 ``triton.testing.do_bench``. ``ms_kernel_ms`` times the Triton attention given the selection;
-``select_ms`` times ``select_regions`` (PyTorch) alone; the end-to-end MS time is their sum.
+``select_ms`` times ``select_regions`` (PyTorch) alone, ``select_kernel_ms`` the Triton selection kernel
+(``kernels/select.py``, what ``backend="triton"`` runs; ``select_same`` says whether its ``sel`` equals
+``select_regions``'); the end-to-end MS time is kernel + PyTorch selection (``speedup_end_to_end``) and
+kernel + selection kernel (``speedup_end_to_end_fused``).
 
 TFLOP/s count matmul FLOPs of the attention as computed (4*D per attended query-key pair forward, 2.5x that
 for backward, as FlashAttention counts): dense causal pairs T*(T+1)/2; MS pairs from the actual selection
@@ -30,17 +33,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["device", "Hq", "Hkv", "D", "T", "c", "K", "m", "mode", "sdpa_ms", "ms_kernel_ms", "select_ms",
-          "sdpa_tflops", "ms_tflops", "speedup_kernel", "speedup_end_to_end", "keys_per_query"]
+          "select_kernel_ms", "select_same", "sdpa_tflops", "ms_tflops", "speedup_kernel", "speedup_end_to_end",
+          "speedup_end_to_end_fused", "keys_per_query"]
 
 
 def _import_kernels():
-    """``(select_regions, ms_attention_triton)``; without the installed package (or its transformers), load
-    ``ds_msattn.attention`` and the top-level ``kernels/`` folder straight from this checkout."""
+    """``(select_regions, ms_attention_triton, select_regions_triton)``; without the installed package (or its
+    transformers), load ``ds_msattn.attention`` and the top-level ``kernels/`` folder straight from this checkout."""
     try:
         from ds_msattn.attention import select_regions
         from ds_msattn.kernels import ms_attention_triton
+        from ds_msattn.kernels.select import select_regions_triton
 
-        return select_regions, ms_attention_triton
+        return select_regions, ms_attention_triton, select_regions_triton
     except Exception as e:  # noqa: BLE001  (transformers of another version can fail in many ways)
         print(f"note: importing the installed package failed ({e}); loading from {ROOT}", file=sys.stderr)
     for name in [n for n in sys.modules if n == "ds_msattn" or n.startswith("ds_msattn.")]:
@@ -55,8 +60,9 @@ def _import_kernels():
     sys.modules["ds_msattn.kernels"] = kernels
     spec.loader.exec_module(kernels)
     from ds_msattn.attention.selection import select_regions
+    from ds_msattn.kernels.select import select_regions_triton
 
-    return select_regions, kernels.ms_attention_triton
+    return select_regions, kernels.ms_attention_triton, select_regions_triton
 
 
 def _ms_pairs(T: int, c: int, K: int, m: int) -> int:
@@ -86,7 +92,7 @@ def run(args) -> list[dict]:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    select_regions, ms_attention_triton = _import_kernels()
+    select_regions, ms_attention_triton, select_regions_triton = _import_kernels()
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     heads = [(32, 8, 128), (8, 8, 64)]
@@ -123,6 +129,14 @@ def run(args) -> list[dict]:
                     lambda: select_regions(q, k, region_size=c, top_k=K, merge=m, sink_regions=1),
                     return_mode="median",
                 )
+                # The selection kernel (falls back to select_regions where its lists do not fit in registers).
+                fused = select_regions_triton(q, k, region_size=c, top_k=K, merge=m, sink_regions=1)
+                select_same = bool(torch.equal(fused, sel))
+                select_kernel_ms = triton.testing.do_bench(
+                    lambda: select_regions_triton(q, k, region_size=c, top_k=K, merge=m, sink_regions=1),
+                    return_mode="median",
+                )
+                del fused
                 pairs = _ms_pairs(T, c, K, m)
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                     ms = _bench(
@@ -135,10 +149,12 @@ def run(args) -> list[dict]:
                     row = {
                         "device": name, "Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "c": c, "K": K, "m": m, "mode": mode,
                         "sdpa_ms": round(sdpa[mode], 4), "ms_kernel_ms": round(ms, 4), "select_ms": round(select_ms, 4),
+                        "select_kernel_ms": round(select_kernel_ms, 4), "select_same": select_same,
                         "sdpa_tflops": round(factor * dense_pairs / sdpa[mode] / 1e9, 1),
                         "ms_tflops": round(factor * pairs / ms / 1e9, 1),
                         "speedup_kernel": round(sdpa[mode] / ms, 2),
                         "speedup_end_to_end": round(sdpa[mode] / (ms + select_ms), 2),
+                        "speedup_end_to_end_fused": round(sdpa[mode] / (ms + select_kernel_ms), 2),
                         "keys_per_query": round(pairs / T, 1),
                     }
                     rows.append(row)
@@ -168,18 +184,22 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         f"# Triton MS attention vs SDPA causal (flash), {device}",
         "",
         "B=1, bf16, causal, one sink region. Median ms of `triton.testing.do_bench`. `MS kernel` = Triton attention",
-        "given the selection; `select` = `select_regions` in PyTorch; end-to-end speedup = SDPA / (kernel + select).",
+        "given the selection; `select` = `select_regions` in PyTorch; `select kernel` = the Triton selection kernel",
+        "(`same` = its sel equals select_regions'); end-to-end speedup = SDPA / (kernel + select), fused = SDPA /",
+        "(kernel + select kernel).",
         "TFLOP/s: 4*D FLOPs per computed query-key pair forward, x3.5 for forward+backward.",
         "",
-        "| Hq/Hkv/D | T | c/K/m | mode | SDPA ms | MS kernel ms | select ms | SDPA TFLOP/s | MS TFLOP/s "
-        "| speedup (kernel) | speedup (end-to-end) | keys/query |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Hq/Hkv/D | T | c/K/m | mode | SDPA ms | MS kernel ms | select ms | select kernel ms (same) "
+        "| SDPA TFLOP/s | MS TFLOP/s | speedup (kernel) | speedup (end-to-end) | speedup (end-to-end, fused) "
+        "| keys/query |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['Hq']}/{r['Hkv']}/{r['D']} | {r['T']} | {r['c']}/{r['K']}/{r['m']} | {r['mode']} | {r['sdpa_ms']} "
-            f"| {r['ms_kernel_ms']} | {r['select_ms']} | {r['sdpa_tflops']} | {r['ms_tflops']} | {r['speedup_kernel']} "
-            f"| {r['speedup_end_to_end']} | {r['keys_per_query']} |"
+            f"| {r['ms_kernel_ms']} | {r['select_ms']} | {r.get('select_kernel_ms', '')} ({r.get('select_same', '')}) "
+            f"| {r['sdpa_tflops']} | {r['ms_tflops']} | {r['speedup_kernel']} | {r['speedup_end_to_end']} "
+            f"| {r.get('speedup_end_to_end_fused', '')} | {r['keys_per_query']} |"
         )
     notes = path.with_name(path.stem + "_notes.md")  # hand-written run notes (software versions), kept on re-render
     if notes.exists():

@@ -1,9 +1,8 @@
 """Autograd function and functional wrapper around the Triton MS attention kernels.
 
-Region selection (summaries, scores, top-k, merge) stays in PyTorch (:func:`ds_msattn.attention.select_regions`)
-and arrives here as ``sel``: the torch and Triton backends then attend to exactly the same regions (selection is
-discrete, and a separate kernel could rank near-ties differently under other rounding), and selection is a
-small share of the work (``O((T/c)^2 * D)`` against ``O(T*K*c*D)`` for attention). The kernels do the attention.
+Region selection arrives here as ``sel``: from :func:`ds_msattn.attention.select_regions` (PyTorch) or, for
+``backend="triton"`` on CUDA, from the selection kernel (``kernels/select.py``), which gives the same ``sel``
+except where two scores differ only in fp32 rounding. The kernels here do the attention.
 
 Tile sizes: on a GPU the kernels are autotuned over a few configurations (powers of two >= 16); under the
 Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) autotuning cannot run, so plain sizes are used.
@@ -16,8 +15,9 @@ keys on load* (``kernels/rotary.py``) rather than attend to a gathered rotated c
 few integer operations on what the kernels already hold (block id, slot rank, the block's selected count, W, G),
 and the rotation a few FMAs per loaded key element with cos/sin from a ``[c + R, 2, D/2]`` table, so the moved
 keys cost no extra memory traffic beyond that small, cached table. A gathered copy would have to be materialised
-per (query head, block), ``[B, Hq, NB, (K-m)*c, D]``: ``Hq/Hkv * (K-m)/m`` times the size of k (12x at Hq32/Hkv8, K64, m16), written
-and read back once in each of the three kernels, and its gradient scattered back afterwards. The dk/dv kernel
+per (query head, block), ``[B, Hq, NB, (K-m)*c, D]``: ``Hq/Hkv * (K-m)/m`` times the size of k (12x at
+Hq32/Hkv8, K64, m16), written and read back once in each of the three kernels, and its gradient scattered back
+afterwards. The dk/dv kernel
 rotates its region's tile once per selecting block and rotates that block's share of dk back.
 """
 
@@ -184,8 +184,8 @@ def _backward(do, q, k, v, sel, o, lse2, geo: _Geometry, scale: float):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _launch_query_kernel(_dq, geo, (q, k, v, sel, do, lse2, delta, dq, geo.rot), dict(scale=scale, scale_log2e=scale * LOG2E),
-                         q.dtype)
+    _launch_query_kernel(_dq, geo, (q, k, v, sel, do, lse2, delta, dq, geo.rot),
+                         dict(scale=scale, scale_log2e=scale * LOG2E), q.dtype)
     if geo.move:
         offsets, entries, slots = reverse_index(sel, geo.Hkv, geo.R, with_slots=True)
     else:

@@ -102,7 +102,10 @@ def ms_attention(
         return ms_attention_reference(q, k, v, scale=scale, **params, **rotary)
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
-    sel = select_regions(q, k, **params, **rotary)
+    if backend == "triton" and q.is_cuda:  # the fused selection kernel (kernels/select.py); same sel
+        sel = _triton_selection(q, k, **params, **rotary)
+    else:
+        sel = select_regions(q, k, **params, **rotary)
     mover = KeyMover(options, inv_freq.to(q.device), region_size, merge, max_shift=T) if options.moves_keys else None
     if backend == "triton":
         return _triton_attention(q, k, v, sel, region_size=region_size, merge=merge, scale=float(scale), mover=mover)
@@ -115,6 +118,14 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _triton_selection(q, k, **kwargs):
+    try:
+        from ds_msattn.kernels.select import select_regions_triton
+    except ImportError as e:
+        raise NotImplementedError(f"backend='triton' is not available: {e}") from e
+    return select_regions_triton(q, k, **kwargs)
 
 
 def _triton_attention(q, k, v, sel, *, region_size, merge, scale, mover=None):
