@@ -6,12 +6,12 @@ every finished trial is on disk at once and a rerun of the same command resumes 
 shared across rows (keys, depths and corpus offsets are seeded by length). ``--report`` (also run at the end)
 writes benchmarks/results/eval_retrieval.md, .json and a heatmap .png (length x depth, per row).
 
-    ../shared/bin/heavy python benchmarks/eval_retrieval.py --rows today,compact_pf --lengths 16384,32768 --trials 1 \\
+    python benchmarks/eval_retrieval.py --rows today,compact_pf --lengths 16384,32768 --trials 1 \\
         --depths 0.1,0.3,0.5,0.7,0.9 --haystacks filler,corpus
     python benchmarks/eval_retrieval.py --report
 
-Heavy: on 2 CPU cores a 32K trial takes about a minute for MS attention (dense: several); run it through the
-heavy queue, one at a time.
+Heavy: on 2 CPU cores a 32K MS trial takes minutes (dense attention several times more); run one such job at a
+time on an otherwise idle machine.
 """
 
 from __future__ import annotations
