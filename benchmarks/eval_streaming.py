@@ -102,17 +102,19 @@ def trial_ppl(tokens: int, segment: int, out: Path) -> None:
     n = int(ids.shape[0])
     partial = out.with_suffix(".partial.json")
     t0 = time.perf_counter()
-    progress = []
+    progress, segments = [], []
 
     def on_chunk(done: int) -> None:
         if done % segment == 0 or done == n:
-            progress.append(dict(tokens=done, rss_mib=round(_rss_now_mib(), 1), seconds=round(time.perf_counter() - t0, 1)))
-            partial.write_text(json.dumps(dict(tokens=n, progress=progress)))
+            progress.append(dict(tokens=done, rss_mib=round(_rss_now_mib(), 1), seconds=round(time.perf_counter() - t0, 1),
+                                 store_disk_gib=round(runner.store.disk_bytes / 2**30, 3)))
+            partial.write_text(json.dumps(dict(tokens=n, progress=progress, segments=segments)))
             print(f"ppl: {progress[-1]}", file=sys.stderr, flush=True)
 
     chunks = (ids[a : a + SETUP["chunk"]] for a in range(0, n, SETUP["chunk"]))
     del ids
-    res = runner.run(chunks, log=None, segment_tokens=segment, on_chunk=on_chunk, planned_tokens=n)
+    res = runner.run(chunks, log=None, segment_tokens=segment, on_chunk=on_chunk, planned_tokens=n,
+                     on_segment=segments.append)
     rec = dict(kind="ppl", tokens=n, works=len(names), segment=segment, ppl=res["ppl"], segments=res["segments"],
                peak_rss_mib=round(_peak_rss_mib(), 1), rss_after_load_mib=round(rss_loaded, 1),
                store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
@@ -178,7 +180,13 @@ def report() -> None:
                       "", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
             lines += [f"| {g['start']} | {g['tokens']} | {g['ppl']:.2f} | {g['ppl'] / first:.2f} |" for g in r["segments"]]
     for name, p in partials.items():
-        lines += ["", f"Unfinished: {name}: reached {p['progress'][-1] if p['progress'] else 'nothing'} of {p['tokens']} tokens."]
+        lines += ["", f"Unfinished (still running or stopped): {name}: reached {p['progress'][-1] if p['progress'] else 'nothing'} "
+                      f"of {p['tokens']} tokens."]
+        segs = p.get("segments") or []
+        if segs:
+            first = segs[0]["ppl"]
+            lines += ["", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
+            lines += [f"| {g['start']} | {g['tokens']} | {g['ppl']:.2f} | {g['ppl'] / first:.2f} |" for g in segs]
     lines += ["", "Commands: `python benchmarks/eval_streaming.py passkey --lengths L --trials N --heavy /work/shared/bin/heavy`, "
               "`python benchmarks/eval_streaming.py ppl --tokens N ...`, `python benchmarks/eval_streaming.py report`.", ""]
     (RESULTS / "eval_streaming.md").write_text("\n".join(lines))
@@ -216,6 +224,7 @@ def main() -> int:
     p.add_argument("--trials", required=True, help="one number, or one per length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heavy", default=None)
+    p.add_argument("--max-new", type=int, default=None, help="run at most this many missing trials now")
     q = sub.add_parser("ppl")
     q.add_argument("--tokens", type=int, default=1_500_000)
     q.add_argument("--segment", type=int, default=32768)
@@ -245,15 +254,14 @@ def main() -> int:
         lengths = [int(x) for x in a.lengths.split(",")]
         trials = [int(x) for x in a.trials.split(",")]
         trials = trials * len(lengths) if len(trials) == 1 else trials
-        for L, n in zip(lengths, trials):
-            for i in range(n):
-                out = TRIALS / f"passkey-{L}-{i}-of-{n}.json"
-                if out.exists():
-                    continue
-                rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
-                                      str(n), "--seed", str(a.seed), "--out", str(out)])
-                if rc:
-                    print(f"trial {out.name} failed with exit code {rc}", flush=True)
+        todo = [(L, n, i) for L, n in zip(lengths, trials) for i in range(n)
+                if not (TRIALS / f"passkey-{L}-{i}-of-{n}.json").exists()]
+        for L, n, i in todo[: a.max_new]:
+            out = TRIALS / f"passkey-{L}-{i}-of-{n}.json"
+            rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
+                                  str(n), "--seed", str(a.seed), "--out", str(out)])
+            if rc:
+                print(f"trial {out.name} failed with exit code {rc}", flush=True)
         report()
         return 0
     out = TRIALS / f"ppl-{a.tokens}.json"

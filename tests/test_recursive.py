@@ -193,7 +193,9 @@ def test_runner_memory_map_equals_in_memory_run():
         for memory in (1.0, 0.0):
             runner = RecursiveRunner(model, RecursiveConfig(**base, store_dtype=dtype, store_memory_gib=memory,
                                                             store_segment_mib=0.01))
-            res.append(runner.run(ids, new_tokens=5, log=None, segment_tokens=256))
+            done = []
+            res.append(runner.run(ids, new_tokens=5, log=None, segment_tokens=256, on_segment=done.append))
+            assert done == res[-1]["segments"][:2]  # reported as each completes (the last, short one is not)
             assert (runner.store.disk_bytes > 0) == (memory == 0.0)
             runner.close()
         assert res[0]["nll_per_token"] == res[1]["nll_per_token"] and res[0]["new_tokens"] == res[1]["new_tokens"]

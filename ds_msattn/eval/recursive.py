@@ -470,13 +470,13 @@ class RecursiveRunner:
 
     @torch.no_grad()
     def run(self, ids, new_tokens: int = 0, log=print, on_chunk=None, score: bool = True,
-            segment_tokens: int | None = None, planned_tokens: int | None = None) -> dict:
+            segment_tokens: int | None = None, planned_tokens: int | None = None, on_segment=None) -> dict:
         """NLL of the input processed chunk by chunk, then ``new_tokens`` greedy tokens.
 
         ``ids`` is a tensor ``[T]`` or an iterable of chunks ``[chunk]`` (streamed input: nothing of size T is
         ever held). ``score=False`` skips the NLL (only the last position's logits are formed).
-        ``segment_tokens`` adds the NLL per segment of that many tokens. ``on_chunk(tokens_so_far)`` is called
-        after each chunk. ``planned_tokens`` (the input length, when known) checks the store's disk space first.
+        ``segment_tokens`` adds the NLL per segment of that many tokens (``on_segment(record)`` is called as each
+        one completes). ``on_chunk(tokens_so_far)`` is called after each chunk. ``planned_tokens`` (the input length, when known) checks the store's disk space first.
         """
         if planned_tokens is None and isinstance(ids, torch.Tensor):
             planned_tokens = int(ids.shape[0]) + new_tokens
@@ -489,6 +489,9 @@ class RecursiveRunner:
             chunks = iter(ids)
         total, count, prev, t0, done = 0.0, 0, None, time.perf_counter(), 0
         segments: list[list[float]] = []  # [nll sum, tokens] per segment
+        seg_record = lambda s: dict(start=s * segment_tokens, tokens=segments[s][1], nll=segments[s][0] / segments[s][1],  # noqa: E731
+                                    ppl=math.exp(segments[s][0] / segments[s][1]))
+        reported = 0
 
         def add(nll: torch.Tensor, first_target: int) -> None:  # per-token NLL of targets first_target..
             nonlocal total, count
@@ -518,6 +521,10 @@ class RecursiveRunner:
                     e = min(chunk.shape[0] - 1, a + 256)
                     add(F.cross_entropy(head(hidden[a:e]).float(), chunk[a + 1 : e + 1], reduction="none"), start + a + 1)
             prev = hidden[-1]
+            if score and segment_tokens and on_segment is not None:
+                while reported < min(len(segments), done // segment_tokens):
+                    on_segment(seg_record(reported))
+                    reported += 1
             if on_chunk is not None:
                 on_chunk(done)
             if log and i % 16 == 0:
@@ -540,8 +547,7 @@ class RecursiveRunner:
         if score:
             out |= {"nll_per_token": total / max(count, 1), "ppl": math.exp(total / max(count, 1)), "scored_tokens": count}
         if segment_tokens:
-            out["segments"] = [dict(start=s * segment_tokens, tokens=n, nll=t / n, ppl=math.exp(t / n))
-                               for s, (t, n) in enumerate(segments) if n]
+            out["segments"] = [seg_record(s) for s in range(len(segments)) if segments[s][1]]
         return out
 
     def close(self) -> None:
