@@ -167,6 +167,14 @@ def report() -> None:
                      f"{max(r['rss_after_load_mib'] for r in rs):.0f} | {max(r['store_disk_gib'] for r in rs):.2f} | "
                      f"{sum(r['prefill_tokens_per_s'] for r in rs) / len(rs):.0f} | "
                      f"{sum(r['prefill_seconds'] for r in rs) / len(rs):.0f} |")
+    if pk:  # linear time: seconds per 32 chunks along the longest trial (bounded per-chunk work)
+        longest = max(pk, key=lambda r: (r["length"], -r["trial"]))
+        prog = longest.get("progress") or []
+        if len(prog) > 1:
+            steps = [round(b[2] - a[2], 1) for a, b in zip(prog, prog[1:])]
+            lines += ["", f"Time per {32 * s['chunk']} tokens along the longest trial ({longest['length']} tokens, trial "
+                          f"{longest['trial']}): first {prog[0][2]} s, then {steps} s; RSS sampled at those points: "
+                          f"{[p[1] for p in prog]} MiB."]
     lines += ["", "| length | trial | depth | key | generated | passed |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | {r['passed']} |" for r in pk]
     if pp:
