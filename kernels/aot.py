@@ -3,8 +3,10 @@
 ``python -m ds_msattn.kernels.aot [80 90]`` compiles the forward, dq and dk/dv kernels with their largest
 autotuning configuration (head dim 128, bf16) to PTX and cubin with Triton's bundled ptxas, and prints the
 shared memory each needs; ``*_moved`` are the same kernels with keys rotated on load (``far_positions``:
-``grouped``, whose rotation is the general one, and ``compact`` for the dk/dv kernel). This catches what the interpreter cannot: types, layouts, register and shared
-memory limits. TRITON_INTERPRET must be unset (the interpreter replaces ``@triton.jit`` functions).
+``grouped``, whose rotation is the general one, and ``compact`` for the dk/dv kernel); ``select`` is the
+selection kernel at c16 K64 m16 (head dim 128, lists of 16 x 64). This catches what the interpreter cannot:
+types, layouts, register and shared memory limits. TRITON_INTERPRET must be unset (the interpreter replaces
+``@triton.jit`` functions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .backward import ms_attention_dkdv_kernel, ms_attention_dq_kernel
 from .forward import ms_attention_fwd_kernel
 from .function import DKDV_CONFIGS, QUERY_CONFIGS
 from .rotary import MOVE_CODES
+from .select import kernel_sizes as select_sizes
+from .select import ms_select_kernel
+from .select import num_warps as select_warps
 
 #: Shared memory per block available to a kernel (bytes, opt-in maximum): A100 / H100.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -44,6 +49,16 @@ def kernel_specs(head_dim: int = 128, dtype: str = "bf16", region_size: int = 16
         fn, sig, constexprs, options = specs[name]
         key = f"{name}_moved" if name != "dkdv" else f"dkdv_moved_{move}"
         specs[key] = (fn, sig, {**constexprs, "MOVE": move}, options)
+    select_sig = _signature({"QBAR": "*fp32", "KBAR": "*fp32", "SEL": "*i64"},
+                            ["R", "NB", "HS", "HKV", "HQ", "MERGE", "BUDGET", "SINKS", "N", "D"], [],
+                            ["BLOCK_MQ", "BLOCK_R", "LIST", "BLOCK_D", "BLOCK_S", "PREC", "TOP_BY_RANK",
+                             "SCORE_BY_SUM"])
+    # c16 K64 m16, one sink (n = 47). The largest lists taken (MAX_LIST_ENTRIES, e.g. 32 x 128) compile too but
+    # take minutes of ptxas, too long for a test.
+    fixed = {"PREC": "ieee", "TOP_BY_RANK": False, "SCORE_BY_SUM": False}
+    sizes = select_sizes(16, 47, 48, head_dim)
+    specs["select"] = (ms_select_kernel, select_sig, {**sizes, **fixed},
+                       {"num_warps": select_warps(sizes), "num_stages": 2})
     return specs
 
 

@@ -22,8 +22,8 @@ No score matrix is stored: memory is the inputs' summaries (``O((T/c) * D)``) an
 Scores are fp32 dot products as in :func:`ds_msattn.attention.select_regions`, but summed in another order:
 the selections are identical except where two candidates' scores differ only in the last bits of fp32
 (exact ties go to the lower region in both). Registers bound the fused lists: ``BLOCK_MQ * LIST`` entries
-(``pow2(m) * pow2(n)``, at most :data:`MAX_LIST_ENTRIES`); beyond that :func:`select_regions_triton` falls back
-to the PyTorch selection (the paper's c16 K512 m128 needs 128 * 512 entries).
+(``pow2(m) * pow2(n)``, at most :data:`MAX_LIST_ENTRIES`: c16 K64 m16 takes 16 * 64); beyond that
+:func:`select_regions_triton` falls back to the PyTorch selection (the paper's c16 K512 m128 needs 128 * 512).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ds_msattn.attention.selection import (
 from .function import interpreting
 
 #: Largest ``pow2(m) * pow2(n)`` (register-resident candidate lists) the fused kernel takes.
-MAX_LIST_ENTRIES = 8192
+MAX_LIST_ENTRIES = 4096
 _KEY_MIN = tl.constexpr(-(2**63))  # the key of "no candidate": below every real key
 
 
@@ -103,7 +103,8 @@ def ms_select_kernel(
                      other=0.0)
         k_base = (b * HKV + hkv).to(tl.int64) * R
         lists = tl.full([BLOCK_MQ, LIST], _KEY_MIN, tl.int64)
-        for start in range(SINKS, hist, BLOCK_R):
+        scan_end = tl.where(N > 0, hist, SINKS)  # sinks alone fill the budget: nothing to rank
+        for start in range(SINKS, scan_end, BLOCK_R):
             j = start + tl.arange(0, BLOCK_R)
             j_ok = j < hist
             kb = tl.load(KBAR + (k_base + j)[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
@@ -156,6 +157,11 @@ def kernel_sizes(merge: int, n: int, budget: int, head_dim: int) -> dict:
     return dict(BLOCK_MQ=_pow2(merge), LIST=lst, BLOCK_R=max(32, lst), BLOCK_D=_pow2(head_dim), BLOCK_S=_pow2(budget))
 
 
+def num_warps(sizes: dict) -> int:
+    """Warps of a launch: more for longer lists (registers per thread)."""
+    return 4 if sizes["BLOCK_MQ"] * sizes["LIST"] <= 1024 else 8
+
+
 def fits_kernel(merge: int, n: int) -> bool:
     """Whether the fused kernel takes these sizes (its candidate lists fit in registers)."""
     return _pow2(merge) * _pow2(n) <= MAX_LIST_ENTRIES
@@ -206,8 +212,10 @@ def select_regions_triton(
         Hs = qbar.shape[1]
     if options.per_kv_group and Hs == Hq and Hq != Hkv:
         Hs = Hkv  # (only reached with short histories, where the summaries are not made)
+    sizes = kernel_sizes(m, n, budget, D)
     ms_select_kernel[(NB, B * Hs)](
-        qbar, kbar, sel, R, NB, Hs, Hkv, Hq, m, budget, sinks, n, D, **kernel_sizes(m, n, budget, D), PREC="ieee",
+        qbar, kbar, sel, R, NB, Hs, Hkv, Hq, m, budget, sinks, n, D, **sizes, PREC="ieee",
         TOP_BY_RANK=interpreting() if top_by_rank is None else top_by_rank, SCORE_BY_SUM=interpreting(),
+        num_warps=num_warps(sizes),
     )
     return sel

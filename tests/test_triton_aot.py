@@ -3,8 +3,8 @@
 Triton compiles for an explicit GPU target without a driver (PTX and, with its bundled ptxas, cubin). This
 checks what the interpreter cannot: that the kernels type-check and lower for real GPUs, and that the
 largest autotuning configuration (head dim 128, bf16) fits the shared memory of each target, with and without
-``far_positions`` (keys rotated on load). It runs in a subprocess because the interpreter (TRITON_INTERPRET=1,
-set by conftest) replaces jitted functions.
+``far_positions`` (keys rotated on load), and the selection kernel. It runs in a subprocess because the
+interpreter (TRITON_INTERPRET=1, set by conftest) replaces jitted functions.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert sorted(result) == ["80", "90"]
     for cc, kernels in result.items():
         # *_moved: far_positions (keys rotated on load; dkdv_moved_1 compact, dkdv_moved_3 grouped).
-        assert sorted(kernels) == ["dkdv", "dkdv_moved_1", "dkdv_moved_3", "dq", "dq_moved", "fwd", "fwd_moved"]
+        # select: the selection kernel (kernels/select.py) at c16 K64 m16.
+        assert sorted(kernels) == ["dkdv", "dkdv_moved_1", "dkdv_moved_3", "dq", "dq_moved", "fwd", "fwd_moved",
+                                   "select"]
         for name, info in kernels.items():
             assert info["ptx_target"], f"sm_{cc} {name}: PTX does not target sm_{cc}"
             assert info["cubin_bytes"] > 0, f"sm_{cc} {name}: no cubin"

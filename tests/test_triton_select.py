@@ -29,6 +29,7 @@ CASES = [
                  id="B2-T70-c8-sink2-position_free-kv_group"),
     pytest.param(1, 2, 2, 5, 16, 4, 4, 2, 1, {}, id="T5-shorter-than-a-block"),
     pytest.param(1, 2, 1, 40, 16, 4, 3, 3, 1, {}, id="no-history-budget"),
+    pytest.param(1, 1, 1, 45, 16, 4, 3, 1, 3, {}, id="sinks-fill-the-budget-n0"),
 ]
 
 
