@@ -158,8 +158,17 @@ for r in rows:
     print(f"{r['step']:>4}  {r['loss']:.4f}  {r['step_time_s']:8.1f} s  {r['tokens_per_s']:8.1f}  "
           f"{r['peak_memory_mib']:.0f} MiB")
 print(f"\nperplexity at a {ctx}-token context on the held-out work (SmolLM2's native context: 8192)")
-print(f"{'':2}{'model':<11}{'attention':<20}{'RoPE base':<30}{'ppl':>8}  change from the row above")
-ms = "MS c16 K64 m16 s1"
+def ms_label(label):  # MS parameters and options as the row's JSON records them
+    p = json.loads((out / f"{label}.json").read_text()).get("ms_attention") or {}
+    text = f"MS c{p.get('region_size')} K{p.get('top_k')} m{p.get('merge')} s{p.get('sink_regions')}"
+    extra = [p.get("far_positions", "exact")] if p.get("far_positions", "exact") != "exact" else []
+    extra += ["pos-free"] if p.get("score", "rope") == "position_free" else []
+    extra += ["per kv group"] if p.get("select_per", "head") == "kv_group" else []
+    return text + (f" {' '.join(extra)}" if extra else "")
+
+
+print(f"{'':2}{'model':<11}{'attention':<36}{'RoPE base':<30}{'ppl':>8}  change from the row above")
+ms = ms_label("ppl_base_ms_ntk")
 table = [
     ("base_dense_plain", "base", "dense (sdpa)", f"{plain:,.0f} (plain)", "-"),
     ("base_dense_ntk", "base", "dense (sdpa)", f"{ntk:,.0f} (NTK x4, recipe's)", "positions"),
@@ -172,7 +181,7 @@ prev = None
 for i, (label, model, attn, rope, change) in enumerate(table, 1):
     r = json.loads((out / f"ppl_{label}.json").read_text())["results"][0]
     delta = "" if prev is None else f" ({(r['ppl'] / prev - 1) * 100:+.1f}%)"
-    print(f"{i:<2}{model:<11}{attn:<20}{rope:<30}{r['ppl']:8.2f}  {change}{delta}")
+    print(f"{i:<2}{model:<11}{attn:<36}{rope:<30}{r['ppl']:8.2f}  {change}{delta}")
     prev = r["ppl"]
 rss = out / "peak_rss.tsv"
 if rss.is_file():
@@ -189,7 +198,7 @@ if rss.is_file():
 if with_passkey:
     print("\npasskey retrieval (same prompts in both rows; a trial passes when the first integer generated is the key)")
     for label, text in [("base_dense_dynamic", "base, dense (sdpa), dynamic NTK alpha 4"),
-                        ("tuned_ms", f"fine-tuned, {ms}, trained base")]:
+                        ("tuned_ms", f"fine-tuned, {ms_label('passkey_tuned_ms')}, trained base")]:
         r = json.loads((out / f"passkey_{label}.json").read_text())
-        print(f"  {text:<50}" + "  ".join(f"{k}: {v}" for k, v in r["passed"].items()))
+        print(f"  {text:<64}" + "  ".join(f"{k}: {v}" for k, v in r["passed"].items()))
 PYEOF
