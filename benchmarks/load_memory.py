@@ -54,11 +54,12 @@ def rank_main(args) -> None:
     import torch.distributed as dist
 
     from ds_msattn.lora import apply_reduced_lora
-    from ds_msattn.parallel.zero import partitioned_loading, release_copied_partitions
+    from ds_msattn.parallel.zero import loading_allocator, partitioned_loading, release_copied_partitions
 
     stages = {"start": peak_rss_mib()}
     t0 = time.perf_counter()
     ds_config = deepspeed_config(cfg)
+    loading_allocator(True)
     model = build_model(cfg, ds_config)
     stages["model"] = peak_rss_mib()
     torch.manual_seed(cfg.model.init_seed + 1)
@@ -70,6 +71,7 @@ def rank_main(args) -> None:
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr)
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
+    loading_allocator(False)
     stages["engine"] = peak_rss_mib()
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in wrapper.parameters())
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--zero-init", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="full,partitioned", help="full (parallel.zero_init false), partitioned")
     parser.add_argument("--out", default=str(RESULTS / "load_memory"))
     args = parser.parse_args()
     if args.rank_main:
@@ -133,7 +136,7 @@ def main() -> None:
         rank_main(args)
         return
     rows = []
-    for zero_init in (False, True):
+    for zero_init in [{"full": False, "partitioned": True}[m] for m in args.modes.split(",")]:
         records = launch(args, zero_init)
         plan = planned(args, zero_init)
         for rec in records:

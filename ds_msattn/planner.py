@@ -49,7 +49,7 @@ GIB = 1 << 30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.05
-HOST_RUNTIME_GIB = 0.6  # one process' host memory before the model: Python, torch, DeepSpeed, transformers (CPU)
+HOST_RUNTIME_GIB = 0.5  # one process' host memory before the model: Python, torch, DeepSpeed, transformers (CPU)
 # (file in ds_configs/, ZeRO stage, offload), fastest first: the order the planner tries them in.
 DS_CONFIGS = (
     ("zero3.json", 3, "none"),
@@ -247,24 +247,26 @@ def model_state_bytes(cfg: PlanConfig, zero: int, offload: str, world: int) -> t
 def load_host_bytes(cfg: PlanConfig, zero: int, world: int) -> float:
     """Peak host bytes of one process while it loads the model (build, peft, ``deepspeed.initialize``).
 
-    Under ZeRO-3 with zero.Init a process holds its 1/world partition of every parameter plus the module being
-    built (gathered for its random init or its checkpoint tensors); otherwise a full copy. peft's
-    ``modules_to_save`` copies (embeddings, norms) are full on every process until the engine partitions them;
-    the engine adds its fp32 master partition of the trainable parameters. Plus the process runtime (Python,
-    torch, DeepSpeed, transformers, gloo; measured on CPU: ``HOST_RUNTIME_GIB``). Measured for a 1.1B Llama on
-    2 CPU ranks in benchmarks/results/load_memory.md.
+    - ZeRO-3 with zero.Init: the process holds its 1/world partition of every parameter; the module being built
+      (or gathered for its random init or checkpoint tensors) is full next to its new partition: two copies of
+      the largest module; the engine then allocates, for its share of the trainable parameters, the flat
+      parameter partition, the fp32 master, the fp32 gradient partition and one more flat buffer (16 bytes per
+      trainable parameter / world, measured: 4.0 x 4 bytes).
+    - otherwise each process holds a full copy, and peft's ``modules_to_save`` copies (embeddings, norms) are
+      full as well until the engine partitions them; the engine's buffers then reuse the memory freed by
+      partitioning the full copy (measured: 4 bytes per trainable parameter / world remain).
+    Plus the process runtime (Python, torch, DeepSpeed, transformers, gloo: ``HOST_RUNTIME_GIB``, measured on CPU).
+    Measured for a 1.2B Llama on 2 CPU ranks in benchmarks/results/load_memory.md.
     """
     s = cfg.model
     pb = 2 if cfg.dtype == "bf16" else 4
     total = s.total_params()
     train = trainable_params(s, cfg.lora, cfg.lora_rank)
     if zero == 3 and cfg.zero_init:
-        model = pb * (total / world + s.largest_module_params())
+        held = pb * total / world + 2 * pb * s.largest_module_params() + 16 * train / world
     else:
-        model = pb * total
-    copies = pb * train if cfg.lora else 0.0
-    master = 4 * train / world if zero in (2, 3) else 0.0
-    return HOST_RUNTIME_GIB * GIB + model + copies + master
+        held = pb * total + (pb * train if cfg.lora else 0.0) + (4 * train / world if zero in (2, 3) else 0.0)
+    return HOST_RUNTIME_GIB * GIB + held
 
 
 def _deepspeed_host_bytes(cfg: PlanConfig, zero: int, offload: str, train: int, frozen: int, largest: int) -> float:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import RunConfig, load_config, save_config, split_argv
 from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
-from .parallel.zero import partitioned_loading, release_copied_partitions
+from .parallel.zero import loading_allocator, partitioned_loading, release_copied_partitions
 from .positions import CrdNtkSchedule, set_inference_positions
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -412,6 +412,7 @@ def train(cfg: RunConfig) -> None:
     universal = None
     if resume_dir is not None:
         universal = prepare_resume(resume_dir, cfg, ds_config, rank, world)
+    loading_allocator(True)  # until the engine holds its partitions (see ds_msattn.parallel.zero)
     model = build_model(cfg, ds_config)
     if cfg.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
@@ -452,6 +453,7 @@ def train(cfg: RunConfig) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapper, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor), config=ds_config, **init_kwargs)
+    loading_allocator(False)
     device = engine.device
     # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing;
     # train mode changes nothing else here (no dropout: attention_dropout is 0, LoRA dropout defaults to 0)

@@ -5,6 +5,7 @@
   parameters are partitioned as soon as the module exists (``from_pretrained`` loads each tensor on rank 0
   and scatters it); no rank ever holds the whole model.
 - :func:`gathered_state_dict` gathers one module at a time and keeps the full tensors on rank 0 only.
+- :func:`loading_allocator` keeps glibc from holding freed host memory while the model is built and partitioned.
 - :func:`to_universal` converts a ZeRO checkpoint written by N ranks into DeepSpeed's universal format
   (``deepspeed.checkpoint.ds_to_universal``), which an engine of any world size loads with
   ``{"checkpoint": {"load_universal": true}}``.
@@ -13,12 +14,41 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 from argparse import Namespace
 from pathlib import Path
 
 import torch
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(param, value))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+
+
+def loading_allocator(loading: bool) -> None:
+    """Host allocator settings for loading (True) and for training afterwards (False).
+
+    Partitioning allocates each full parameter, copies its 1/world share and frees it. glibc's dynamic mmap
+    threshold (raised to 32 MiB by the first large free) sends the later 2-32 MiB tensors to the heap, whose
+    holes stay resident: measured on 2 ranks with a 0.37B model, a rank's peak was 3.2-3.5 GiB instead of 2.3.
+    While loading, blocks of 1 MiB and more are mapped (freed straight back to the system); afterwards the
+    threshold is the one glibc's dynamic rule ends at (32 MiB, trim at 64 MiB) and freed memory is trimmed.
+    """
+    if loading:
+        _mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        return
+    if _mallopt(M_MMAP_THRESHOLD, 32 << 20):
+        _mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def zero_stage(ds_config: dict | None) -> int:
