@@ -178,6 +178,11 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _select_kernel_cell(r: dict) -> str:
+    """``ms (same)``; empty for rows measured before the selection kernel existed."""
+    return f"{r['select_kernel_ms']} ({r['select_same']})" if r.get("select_kernel_ms") not in (None, "") else ""
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     device = rows[0]["device"] if rows else "?"
     lines = [
@@ -197,7 +202,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     for r in rows:
         lines.append(
             f"| {r['Hq']}/{r['Hkv']}/{r['D']} | {r['T']} | {r['c']}/{r['K']}/{r['m']} | {r['mode']} | {r['sdpa_ms']} "
-            f"| {r['ms_kernel_ms']} | {r['select_ms']} | {r.get('select_kernel_ms', '')} ({r.get('select_same', '')}) "
+            f"| {r['ms_kernel_ms']} | {r['select_ms']} | {_select_kernel_cell(r)} "
             f"| {r['sdpa_tflops']} | {r['ms_tflops']} | {r['speedup_kernel']} | {r['speedup_end_to_end']} "
             f"| {r.get('speedup_end_to_end_fused', '')} | {r['keys_per_query']} |"
         )
