@@ -179,14 +179,15 @@ def select_regions_triton(
     options: MSOptions = MSOptions(),
     rope_inv_freq: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-    top_by_rank: bool | None = None,
+    numpy_forms: bool | None = None,
 ) -> torch.Tensor:
     """:func:`ds_msattn.attention.select_regions` with the selection kernel: ``sel [B, Hq, NB, top_k - merge]`` int64.
 
     ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]``; summaries (``options.score``, ``options.select_per``) are made in
     PyTorch (one pass over q and k), everything after in the kernel. Sizes whose lists would not fit in
-    registers (:func:`fits_kernel`) go to the PyTorch selection. ``top_by_rank`` picks the kernel's top-list
-    method (default: by rank under the interpreter, ``tl.topk`` compiled; both give the same lists).
+    registers (:func:`fits_kernel`) go to the PyTorch selection. ``numpy_forms`` picks the kernel's forms of the
+    top lists and scores (by rank and by an elementwise sum: default under the interpreter; ``tl.topk`` and
+    ``tl.dot`` compiled; the same lists and selection).
     """
     _validate_params(region_size, top_k, merge, sink_regions)
     B, Hq, T, D = q.shape
@@ -213,9 +214,10 @@ def select_regions_triton(
     if options.per_kv_group and Hs == Hq and Hq != Hkv:
         Hs = Hkv  # (only reached with short histories, where the summaries are not made)
     sizes = kernel_sizes(m, n, budget, D)
+    numpy_forms = interpreting() if numpy_forms is None else numpy_forms
     ms_select_kernel[(NB, B * Hs)](
         qbar, kbar, sel, R, NB, Hs, Hkv, Hq, m, budget, sinks, n, D, **sizes, PREC="ieee",
-        TOP_BY_RANK=interpreting() if top_by_rank is None else top_by_rank, SCORE_BY_SUM=interpreting(),
+        TOP_BY_RANK=numpy_forms, SCORE_BY_SUM=numpy_forms,
         num_warps=num_warps(sizes),
     )
     return sel
