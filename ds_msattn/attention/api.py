@@ -133,6 +133,4 @@ def _triton_attention(q, k, v, sel, *, region_size, merge, scale, mover=None):
         from ds_msattn.kernels import ms_attention_triton
     except ImportError as e:
         raise NotImplementedError(f"backend='triton' is not available: {e}") from e
-    if mover is not None:
-        return ms_attention_triton(q, k, v, sel, region_size=region_size, merge=merge, scale=scale, mover=mover)
-    return ms_attention_triton(q, k, v, sel, region_size=region_size, merge=merge, scale=scale)
+    return ms_attention_triton(q, k, v, sel, region_size=region_size, merge=merge, scale=scale, mover=mover)
