@@ -58,10 +58,16 @@ def _floats(text):
     return [float(x) for x in text.split(",") if x]
 
 
+def _record_command() -> None:
+    with open(RUNS / "commands.txt", "a") as f:
+        f.write("python benchmarks/eval_retrieval.py " + shlex.join(sys.argv[1:]) + "\n")
+
+
 def run(args) -> None:
     from ds_msattn.eval.cli import main as eval_main
 
     RUNS.mkdir(parents=True, exist_ok=True)
+    _record_command()
     for row in args.rows:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row!r}; known: {', '.join(ROWS)}")
@@ -95,6 +101,7 @@ def run_ppl(args) -> None:
     from ds_msattn.eval.cli import main as eval_main
 
     RUNS.mkdir(parents=True, exist_ok=True)
+    _record_command()
     text = heldout_text()
     for row in args.rows:
         for ctx in args.ppl_contexts:
@@ -175,6 +182,17 @@ def report() -> None:
                 table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c][0] for c in ppl[r]}
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items() if r in table]
+    lines += ["", "## Every trial", "", "| row | haystack | length | depth | key | generated | passed | needle (prefill) | s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (r, haystack), recs in sorted(trials.items()):
+        for t in recs:
+            needle = t["needle"]["prefill_selected"] if "needle" in t else ""
+            generated = t["generated"].replace("|", "\\|").replace("\n", "\\n")
+            lines.append(f"| {r} | {haystack} | {t['length']} | {t['depth']} | {t['key']} | `{generated}` | "
+                         f"{'yes' if t['passed'] else 'no'} | {needle} | {t['seconds']:.0f} |")
+    commands = RUNS / "commands.txt"
+    if commands.exists():
+        lines += ["", "## Commands (from the repository root)", "", "```", commands.read_text().strip(), "```"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "eval_retrieval.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "eval_retrieval.json").write_text(json.dumps({"rows": {r: ROWS[r][0] for r in table}, "results": table},
