@@ -129,9 +129,11 @@ class StepProgress:
         if fwd == 0:
             return None
         per_forward = self.times[fwd - 1] / fwd if done <= self.layers else None
-        if per_forward is None:  # in backward: the rate of the passes since forward ended
+        if per_forward is None:  # in backward: the rate since its first pass (the loss and lm_head come before it)
             back = done - self.layers
-            per_back = (elapsed - self.times[self.layers - 1]) / back
+            if back < 2:
+                return None
+            per_back = (elapsed - self.times[self.layers]) / (back - 1)
             return per_back * max(0, self.expected - done), True
         remaining = (self.layers - done) + 2 * (self.expected - self.layers)
         return per_forward * remaining, True

@@ -1,0 +1,62 @@
+"""Progress of long work (ds_msattn/progress.py): layer passes inside a training step, evaluation units per layer."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_msattn.models import tiny_llama_config
+from ds_msattn.progress import LayerProgress, LineProgress, StepProgress
+
+
+def tiny_model(layers: int = 3):
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=layers), attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def test_step_progress_counts_forward_and_backward_passes_and_estimates_from_the_first_step():
+    model, clock, out = tiny_model(3), itertools.count(), io.StringIO()
+    progress = StepProgress(model.model.layers, micro_batches=1, total_steps=2, interval=1, stream=out,
+                            clock=lambda: float(next(clock)))
+    for step in range(2):
+        progress.begin(step)
+        ids = torch.randint(0, 256, (1, 32))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # recomputation is not counted
+        assert len(progress.times) == 6
+        progress.end()
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert "train: step 1/2: layer pass 1/6 (forward)" in lines[0] and "rough, first step" in lines[0]
+    second = [ln for ln in lines if ln.startswith("train: step 2/2: layer pass")]
+    assert len(second) == 6 and all("left in this step" in ln and "rough" not in ln for ln in second)
+    assert any("took" in ln and "1 more step" in ln for ln in lines)
+
+
+def test_short_steps_print_nothing():
+    model, out = tiny_model(2), io.StringIO()
+    progress = StepProgress(model.model.layers, micro_batches=1, total_steps=1, interval=3600, stream=out)
+    progress.begin(0)
+    ids = torch.randint(0, 256, (1, 16))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    progress.end()
+    progress.close()
+    assert out.getvalue() == ""
+
+
+def test_layer_progress_advances_per_prefill_layer_and_ignores_decoding():
+    model, clock, out = tiny_model(4).eval(), itertools.count(), io.StringIO()
+    bar = LineProgress(2, "ppl at 32", "windows", interval=1, stream=out, clock=lambda: float(next(clock)))
+    ticker = LayerProgress(bar, model.model.layers)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=torch.randint(0, 256, (1, 32)))
+        model(input_ids=torch.randint(0, 256, (1, 1)))  # one token: a decoding step, not counted
+    ticker.close()
+    assert abs(bar.n - 2) < 1e-9
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("ppl at 32: 0.2/2 windows") and "left" in lines[0]  # a quarter: 1 of 4 layers
+    assert lines[-1].startswith("ppl at 32: 2/2 windows") and "left" not in lines[-1]
