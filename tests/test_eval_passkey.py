@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_msattn.eval.passkey import (
-    FILLER, KEY_SENTENCE, QUESTION, first_integer, greedy_generate, make_passkey_prompt, passkey_keys, score, summarize,
+    CORPUS_INSTRUCTION, CORPUS_QUESTION, FILLER, KEY_SENTENCE, QUESTION, first_integer, greedy_generate, make_passkey_prompt, passkey_keys, score, summarize,
 )
 
 
@@ -103,21 +103,24 @@ def test_corpus_haystack_prompt_sets_the_key_off_as_a_paragraph():
     tok = CharTokenizer()
     text = "".join(f"Line {i} of the play, spoken by somebody.\n" for i in range(400))
     hay = tok(text)["input_ids"]
+    head = len(tok(CORPUS_INSTRUCTION)["input_ids"])
+    question = len(tok(CORPUS_QUESTION)["input_ids"])
     for depth, offset in [(0.0, 0), (0.4, 123), (1.0, 10**9)]:
         p = make_passkey_prompt(tok, 3000, 424242, depth, haystack=hay, offset=offset)
         out = tok.decode(p.input_ids)
         assert len(p.input_ids) == 3000
         key_text = tok.decode(p.input_ids[p.key_token_start : p.key_token_end])
         assert key_text == "\n\n" + KEY_SENTENCE.format(key=424242).strip() + "\n\n"
-        assert out.count("424242") == 2 and out.endswith("\n\n" + QUESTION.strip())
-        question = len(tok("\n\n" + QUESTION.strip())["input_ids"])
+        assert out.count("424242") == 2 and out.startswith(CORPUS_INSTRUCTION) and out.endswith(CORPUS_QUESTION)
         at_end = p.key_token_end == 3000 - question  # depth 1: right before the question
-        assert p.key_token_start == 0 or at_end or out[p.key_token_start - 1] == "\n"  # after a line break
+        assert p.key_token_start == head or at_end or out[p.key_token_start - 1] == "\n"  # after a line break
         assert 0 <= p.haystack_offset <= len(hay)
-        body = p.input_ids[: p.key_token_start] + p.input_ids[p.key_token_end : 3000 - question]
+        body = p.input_ids[head : p.key_token_start] + p.input_ids[p.key_token_end : 3000 - question]
         assert tok.decode(body) in text  # the rest is one contiguous slice of the running text
     with pytest.raises(ValueError, match="haystack"):
         make_passkey_prompt(tok, 3000, 1, 0.5, haystack=hay[:100])
+    with pytest.raises(ValueError, match="length must be at least"):
+        make_passkey_prompt(tok, 100, 1, 0.5, haystack=hay)
 
 
 def test_needle_probe_reads_the_selection_of_the_answering_block():

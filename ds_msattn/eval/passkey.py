@@ -6,9 +6,11 @@ separately (each starts with a space, so byte-level BPE splits them as it would 
 
 Haystacks: ``filler`` (the repeated sentences above, as defined) or ``corpus``: running text of held-out works
 of the built-in corpus (:func:`corpus_haystack`), a contiguous slice from a seeded offset per trial, the key
-sentence set off as its own paragraph at the first line break after ``depth`` and the question after a
-paragraph break (SmolLM2 barely retrieves from prose without them). Filler is easy to tell apart from the
-key; prose is not.
+sentence set off as its own paragraph at the first line break after ``depth``, an instruction first
+(:data:`CORPUS_INSTRUCTION`) and a quiz question last (:data:`CORPUS_QUESTION`). Filler is easy to tell apart from
+the key; prose is not. Without the instruction and the quiz wording, dense SmolLM2-135M continued the play instead
+of answering even at 2K tokens (0/3 with the filler's question after a paragraph break; 3/3 at 2K and 2/3 at 8K
+with this framing, which is the usual passkey prompt of LongLoRA and landmark attention in our words).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 KEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 HAYSTACKS = ("filler", "corpus")
+CORPUS_INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+                      "memorize it. I will quiz you about the important information there.\n\n")
+CORPUS_QUESTION = "\n\nNow the quiz. What is the pass key mentioned in the text above? The pass key is"
 #: Works of the built-in corpus (sorted names, from the end) that corpus haystacks are cut from: a fine-tune that
 #: reads ``data.max_documents <= 42 - HELD_OUT_WORKS`` works never saw them.
 HELD_OUT_WORKS = 6
@@ -73,12 +78,13 @@ def make_passkey_prompt(
         raise ValueError(f"key must be a non-negative integer, got {key!r}")
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     if haystack is None:
-        key_ids, question = enc(KEY_SENTENCE.format(key=key)), enc(QUESTION)
+        head, key_ids, question = [], enc(KEY_SENTENCE.format(key=key)), enc(QUESTION)
     else:
-        key_ids, question = enc("\n\n" + KEY_SENTENCE.format(key=key).strip() + "\n\n"), enc("\n\n" + QUESTION.strip())
-    budget = length - len(key_ids) - len(question)
+        head, question = enc(CORPUS_INSTRUCTION), enc(CORPUS_QUESTION)
+        key_ids = enc("\n\n" + KEY_SENTENCE.format(key=key).strip() + "\n\n")
+    budget = length - len(head) - len(key_ids) - len(question)
     if budget < 0:
-        raise ValueError(f"length must be at least {len(key_ids) + len(question)} tokens for the key and question, got {length}")
+        raise ValueError(f"length must be at least {length - budget} tokens for the key and question, got {length}")
     if haystack is None:
         # Filler token stream cut to the budget; the key goes in at a filler-unit boundary near depth.
         filler = enc(FILLER)
@@ -94,9 +100,10 @@ def make_passkey_prompt(
         newline = enc("\n")[-1]
         after = [i for i in range(cut, min(budget, cut + 400)) if stream[i] == newline]  # the next line break
         cut = after[0] + 1 if after else cut
-    ids = stream[:cut] + key_ids + stream[cut:] + question
+    ids = head + stream[:cut] + key_ids + stream[cut:] + question
     assert len(ids) == length
-    return PasskeyPrompt(input_ids=ids, key=key, depth=depth, key_token_start=cut, key_token_end=cut + len(key_ids),
+    start = len(head) + cut
+    return PasskeyPrompt(input_ids=ids, key=key, depth=depth, key_token_start=start, key_token_end=start + len(key_ids),
                          haystack_offset=None if haystack is None else offset)
 
 
