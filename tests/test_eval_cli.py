@@ -128,3 +128,18 @@ def test_passkey_cli_corpus_haystack_diagnose_and_resume(tiny_dir, tmp_path, mon
     monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: pytest.fail("trial rerun"))
     assert main(argv) == 0
     assert json.loads((tmp_path / "pk.json").read_text())["trials"] == rep["trials"]
+
+
+def test_the_model_label_names_the_options_the_model_runs():
+    """Unset options show the model defaults (what runs), window and group only where they apply."""
+    from ds_msattn.attention.options import MODEL_OPTIONS
+    from ds_msattn.eval.loading import EvalModelSpec
+
+    label = EvalModelSpec(attention="ms_attention").describe()
+    assert (f"far_positions={MODEL_OPTIONS['far_positions']},score={MODEL_OPTIONS['score']},"
+            f"select_per={MODEL_OPTIONS['select_per']})") in label and "far_window" not in label
+    grouped = dict(region_size=16, top_k=64, merge=16, far_positions="grouped", far_window=2048, far_group=8,
+                   score="rope")
+    assert "far_positions=grouped,far_window=2048,far_group=8,score=rope," in EvalModelSpec(
+        attention="ms_attention", ms_params=grouped).describe()
+    assert EvalModelSpec(attention="sdpa").describe() == "sdpa, rope none"

@@ -57,9 +57,12 @@ class EvalModelSpec:
     def describe(self) -> str:
         attn = self.attention
         if attn == "ms_attention":
-            p = self.ms_params
-            opts = "".join(f",{key}={p[key]}" for key in ("far_positions", "far_window", "far_group", "score", "select_per")
-                           if key in p)
+            from ds_msattn.attention.options import MODEL_OPTIONS
+
+            p = {**MODEL_OPTIONS, **self.ms_params}  # what the model runs: unset options take the model defaults
+            shown = ["far_positions"] + {"capped": ["far_window"], "grouped": ["far_window", "far_group"]}.get(
+                p["far_positions"], []) + ["score", "select_per"]
+            opts = "".join(f",{key}={p[key]}" for key in shown)
             attn += f"(c={p['region_size']},K={p['top_k']},m={p['merge']},s={p.get('sink_regions', 1)}{opts})"
         rope = self.rope if self.rope == "none" else f"{self.rope}(alpha={self.rope_factor:g})"
         if self.rope_length is not None:
