@@ -9,6 +9,10 @@ writes benchmarks/results/eval_retrieval.md, .json and a heatmap .png (length x 
     python benchmarks/eval_retrieval.py --rows today,compact_pf --lengths 16384,32768 --trials 1 \\
         --depths 0.1,0.3,0.5,0.7,0.9 --haystacks filler,corpus
     python benchmarks/eval_retrieval.py --report
+    python benchmarks/eval_retrieval.py --rows compact_pf --fine-tuned runs/main_job/merged --lengths 16384,32768
+
+``--fine-tuned DIR`` runs the rows on a fine-tuned model (e.g. the main job's merged export) instead of the base
+model; its trial files and rows are named ``tuned-<row>``.
 
 Heavy: on 2 CPU cores a 32K MS trial takes minutes (dense attention several times more); run one such job at a
 time on an otherwise idle machine.
@@ -58,6 +62,21 @@ def _floats(text):
     return [float(x) for x in text.split(",") if x]
 
 
+TUNED = "tuned-"
+
+
+def _label(key: str) -> str:
+    """The report's label of a row key (``row`` or ``tuned-row``)."""
+    if key.startswith(TUNED):
+        return "fine-tuned (main job's merged model): " + ROWS[key[len(TUNED):]][0]
+    return ROWS[key][0]
+
+
+def _row_keys(present) -> list[str]:
+    """Row keys in ROWS order, each base row followed by its fine-tuned run."""
+    return [k for r in ROWS for k in (r, TUNED + r) if k in present]
+
+
 def _record_command() -> None:
     with open(RUNS / "commands.txt", "a") as f:
         f.write("python benchmarks/eval_retrieval.py " + shlex.join(sys.argv[1:]) + "\n")
@@ -72,8 +91,8 @@ def run(args) -> None:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row!r}; known: {', '.join(ROWS)}")
         for haystack in args.haystacks:
-            stem = RUNS / f"{row}_{haystack}"
-            argv = ["passkey", "--model", args.model, *ROWS[row][1], "--lengths", ",".join(map(str, args.lengths)),
+            stem = RUNS / f"{TUNED if args.fine_tuned else ''}{row}_{haystack}"
+            argv = ["passkey", "--model", args.fine_tuned or args.model, *ROWS[row][1], "--lengths", ",".join(map(str, args.lengths)),
                     "--trials", str(args.trials), "--haystack", haystack, "--trials-file", f"{stem}.jsonl",
                     "--output", f"{stem}_{'-'.join(map(str, args.lengths))}.json", "--seed", str(args.seed)]
             if args.depths:
@@ -105,10 +124,10 @@ def run_ppl(args) -> None:
     text = heldout_text()
     for row in args.rows:
         for ctx in args.ppl_contexts:
-            out = RUNS / f"ppl_{row}_{ctx}.json"
+            out = RUNS / f"ppl_{TUNED if args.fine_tuned else ''}{row}_{ctx}.json"
             if out.exists():
                 continue  # resume: one JSON per (row, context)
-            argv = ["ppl", "--model", args.model, *ROWS[row][1], "--text-file", str(text), "--context", str(ctx),
+            argv = ["ppl", "--model", args.fine_tuned or args.model, *ROWS[row][1], "--text-file", str(text), "--context", str(ctx),
                     "--max-windows", str(args.ppl_windows), "--output", str(out)]
             print("== ds-msattn eval " + shlex.join(argv), flush=True)
             eval_main(argv)
@@ -138,7 +157,7 @@ def report() -> None:
     lengths = sorted({t["length"] for recs in trials.values() for t in recs})
     table = {}
     lines = [
-        "# Passkey retrieval past the native context (SmolLM2-135M, no fine-tuning)",
+        "# Passkey retrieval past the native context (SmolLM2-135M; rows marked fine-tuned use the main job's model)",
         "",
         "Written by `benchmarks/eval_retrieval.py` from the trial files in `benchmarks/results/eval_retrieval/`",
         "(one JSON line per trial: key, depth, haystack offset, generated text, needle recall). Cells: passed/trials,",
@@ -149,7 +168,7 @@ def report() -> None:
         "",
     ]
     for haystack in ("filler", "corpus"):
-        rows = [r for r in ROWS if (r, haystack) in trials]
+        rows = _row_keys({r for r, h in trials if h == haystack})
         if not rows:
             continue
         lines += [f"## Haystack: {haystack}", "", "| row | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
@@ -168,20 +187,21 @@ def report() -> None:
                 table.setdefault(r, {}).setdefault(haystack, {})[str(n)] = dict(
                     passed=passed, trials=len(recs), needle_recall=sum(recall) / len(recall) if recall else None,
                     seconds_mean=round(sum(t["seconds"] for t in recs) / len(recs), 1))
-            lines.append(f"| {ROWS[r][0]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
         lines.append("")
     ppl = _load_ppl()
     if ppl:
         contexts = sorted({c for v in ppl.values() for c in v})
         lines += ["## Perplexity on the held-out works (joined), non-overlapping windows", "",
                   "| row | " + " | ".join(f"{c // 1024}K" for c in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
-        for r in ROWS:
+        for r in _row_keys(ppl):
             if r in ppl:
-                lines.append(f"| {ROWS[r][0]} | " + " | ".join(
+                lines.append(f"| {_label(r)} | " + " | ".join(
                     f"{ppl[r][c][0]:.2f} ({ppl[r][c][1]}w)" if c in ppl[r] else "" for c in contexts) + " |")
                 table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c][0] for c in ppl[r]}
         lines.append("")
-    lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items() if r in table]
+    lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items()
+                                if r in table or TUNED + r in table]
     lines += ["", "## Every trial", "", "| row | haystack | length | depth | key | generated | passed | needle (prefill) | s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (r, haystack), recs in sorted(trials.items()):
@@ -195,7 +215,7 @@ def report() -> None:
         lines += ["", "## Commands (from the repository root)", "", "```", commands.read_text().strip(), "```"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "eval_retrieval.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "eval_retrieval.json").write_text(json.dumps({"rows": {r: ROWS[r][0] for r in table}, "results": table},
+    (RESULTS / "eval_retrieval.json").write_text(json.dumps({"rows": {r: _label(r) for r in table}, "results": table},
                                                             indent=1))
     _heatmap(trials, lengths)
     print("\n".join(lines))
@@ -238,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--haystacks", type=lambda s: s.split(","), default=["filler"])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fine-tuned", default=None, metavar="DIR",
+                   help="run the rows on this fine-tuned model directory (rows named tuned-<row>)")
     p.add_argument("--ppl-contexts", type=_ints, default=None,
                    help="instead of passkey: perplexity at these contexts on the held-out works, e.g. 4096,32768")
     p.add_argument("--ppl-windows", type=int, default=1, help="windows per context (perplexity)")
