@@ -69,13 +69,13 @@ if [ "$STEPS" != "$RECIPE_STEPS" ]; then
   steps_arg=(--train.max_steps="$STEPS")
 fi
 n_pk=$(echo "$PASSKEY_LENGTHS" | tr ',' '\n' | grep -c .)
-echo "main job: about $(( STEPS * 9 + 13 + (PASSKEY != 0 ? n_pk * PASSKEY_TRIALS * 3 : 0) )) min on a 2-core CPU" \
-     "(fine-tuning about 9 min per step, 5 perplexity rows about 2.5 min each, passkey about 1.5 min per trial);" \
+echo "main job: about $(( STEPS * 7 + 10 + (PASSKEY != 0 ? n_pk * PASSKEY_TRIALS * 3 : 0) )) min on a 2-core CPU" \
+     "(fine-tuning about 7 min per step, 5 perplexity rows about 2 min each, passkey 1-2 min per trial);" \
      "outputs in $OUT"
 
 # ------------------------------------------------------------------ 1. fine-tuning
 echo
-echo "== 1/4 fine-tuning: $STEPS steps of 16384 tokens on 2 CPU ranks (about $(( STEPS * 9 )) min;" \
+echo "== 1/4 fine-tuning: $STEPS steps of 16384 tokens on 2 CPU ranks (about $(( STEPS * 7 )) min;" \
      "a progress line every minute; metrics in $OUT/metrics.jsonl)"
 if ls -d "$OUT"/checkpoints/step_* >/dev/null 2>&1; then
   echo "   resuming from $(ls -d "$OUT"/checkpoints/step_* | tail -1) (the recipe has resume: auto; delete $OUT to start over)"
@@ -87,7 +87,7 @@ echo "   training took $(since "$t0")"
 
 # ------------------------------------------------------------------ 2. perplexity
 echo
-echo "== 2/4 perplexity at a $CTX-token context on the held-out work: 5 rows (about 2.5 min each)"
+echo "== 2/4 perplexity at a $CTX-token context on the held-out work: 5 rows (about 2 min each)"
 ROW=0
 ppl() {  # label, description, then ds-msattn eval ppl arguments
   local label=$1 text=$2 t
@@ -159,7 +159,10 @@ for r in rows:
           f"{r['peak_memory_mib']:.0f} MiB")
 print(f"\nperplexity at a {ctx}-token context on the held-out work (SmolLM2's native context: 8192)")
 def ms_label(label):  # MS parameters and options as the row's JSON records them
-    p = json.loads((out / f"{label}.json").read_text()).get("ms_attention") or {}
+    from ds_msattn.attention.options import MODEL_OPTIONS
+
+    # options the row left unset ran with the model defaults
+    p = {**MODEL_OPTIONS, **(json.loads((out / f"{label}.json").read_text()).get("ms_attention") or {})}
     text = f"MS c{p.get('region_size')} K{p.get('top_k')} m{p.get('merge')} s{p.get('sink_regions')}"
     extra = [p.get("far_positions", "exact")] if p.get("far_positions", "exact") != "exact" else []
     extra += ["pos-free"] if p.get("score", "rope") == "position_free" else []

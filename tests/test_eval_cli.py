@@ -113,14 +113,14 @@ def test_passkey_cli_corpus_haystack_diagnose_and_resume(tiny_dir, tmp_path, mon
     from ds_msattn.eval.cli import main
 
     trials = tmp_path / "trials.jsonl"
-    argv = ["passkey", "--model", str(tiny_dir), "--lengths", "300", "--depths", "0.2,0.8", "--trials", "1",
+    argv = ["passkey", "--model", str(tiny_dir), "--lengths", "400", "--depths", "0.2,0.8", "--trials", "1",
             "--attn", "ms_attention", "--region-size", "4", "--top-k", "4", "--merge", "2", "--haystack", "corpus",
             "--far-positions", "compact", "--score", "position_free", "--diagnose", "--trials-file", str(trials),
             "--output", str(tmp_path / "pk.json"), "--quiet"]
     assert main(argv) == 0
     rep = json.loads((tmp_path / "pk.json").read_text())
     assert "far_positions=compact" in rep["setup"] and rep["ms_attention"]["score"] == "position_free"
-    assert len(trials.read_text().splitlines()) == 2 and set(rep["needle_recall"]) == {"300"}
+    assert len(trials.read_text().splitlines()) == 2 and set(rep["needle_recall"]) == {"400"}
     for t in rep["trials"]:
         assert t["haystack"] == "corpus" and len(t["haystack_works"]) == passkey.HELD_OUT_WORKS
         assert 0.0 <= t["needle"]["prefill_recall"] <= 1.0 and len(t["needle"]["per_layer_prefill"]) == 2

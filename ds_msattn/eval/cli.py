@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "ds-msattn eval " + shlex.join(argv), "model": args.model, "setup": spec.describe(),
         "attention": args.attn, "rope": args.rope, "rope_factor": args.rope_factor, "adapter": args.adapter,
-        "ms_attention": spec.ms_params if args.attn == "ms_attention" else None, "threads": torch.get_num_threads(),
+        # what ran: options left unset take the model defaults
+        "ms_attention": {**MODEL_OPTIONS, **spec.ms_params} if args.attn == "ms_attention" else None, "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
     }
     out = Path(args.output)
