@@ -279,7 +279,7 @@ def region_sharded_attention(
         # 1. key summaries of every region of the global sequence
         kbar_local = masked_region_means(ks, c, local_valid)  # [B, Hkv, Rl, D]
         kbar_all = torch.empty(world * B, Hkv, Rl, D, dtype=kbar_local.dtype, device=kbar_local.device)
-        dist.all_gather_into_tensor(kbar_all, kbar_local.contiguous(), group=group)  # gloo: dim 0 grows
+        dist.all_gather_single(kbar_all, kbar_local.contiguous(), group=group)  # gloo: dim 0 grows
         kbar = kbar_all.view(world, B, Hkv, Rl, D).permute(1, 2, 0, 3, 4).reshape(B, Hkv, world * Rl, D)  # [B, Hkv, Rg, D]
         record["kbar"] = kbar_local.numel() * kbar_local.element_size() * (world - 1)
 

@@ -72,7 +72,7 @@ class UlyssesMSAttention:
         if params.get("position_ids") is not None:  # the local attention sees the whole sequence: all positions
             pos = params["position_ids"].view(-1, q.shape[2]).expand(q.shape[0], -1).contiguous()
             gathered = torch.empty(P * pos.shape[0], pos.shape[1], dtype=pos.dtype, device=pos.device)
-            dist.all_gather_into_tensor(gathered, pos, group=self.group)
+            dist.all_gather_single(gathered, pos, group=self.group)
             full = gathered.view(P, pos.shape[0], -1).permute(1, 0, 2).reshape(pos.shape[0], -1)
             params["position_ids"] = full[:, :valid_len]
         self.local.params = params
