@@ -34,7 +34,8 @@
 # Without a CUDA GPU (no nvidia-smi, none listed, or CUDA_VISIBLE_DEVICES empty or -1) it checks this script's and
 # setup_env.sh's syntax and that the benchmarks parse their arguments (--help), prints one line saying that no GPU
 # was found, and exits 0; --dry-run adds a tiny run of benchmarks/kernels.py on CPU under the Triton interpreter
-# (about 30-40 s on a busy 2-core CPU). Exit status on a GPU machine: 0 if every phase passed, 1 if any failed or timed out.
+# (about 30-40 s on a busy 2-core CPU). Exit status on a GPU machine: 0 if every phase passed, 1 if any failed,
+# timed out or was skipped for want of budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
