@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a CUDA machine (about 8 minutes after set-up), everything under benchmarks/results/:
-#   1. tests    the GPU tests tests/test_triton_*.py compiled (TRITON_INTERPRET unset)
+#   1. tests    the GPU tests tests/test_triton_{kernels,aot,select}.py compiled (TRITON_INTERPRET unset)
 #   2. select   the selection alone at 16K-128K: select_regions (PyTorch) vs the Triton selection kernel,
 #               select_per head and kv_group              -> kernels_<gpu>_select.{csv,md}
 #   3. kernels  attention kernels, selection and the whole op (ms_attention backend=triton) vs SDPA flash,
@@ -137,7 +137,7 @@ else:
 EOF
 )}
 LOG=$RESULTS/gpu_check_$TAG.log
-SUMMARY=$RESULTS/gpu_check_$TAG.md
+SUMMARY=$RESULTS/gpu_check_${TAG}.md
 : >"$LOG"
 versions=$("$PY" - <<'EOF' 2>/dev/null
 import importlib.metadata as md, torch
@@ -187,7 +187,7 @@ run_phase() {  # run_phase NAME CAP_S COMMAND...: bounded by CAP_S and the budge
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if want tests; then
-  run_phase tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_triton_*.py
+  run_phase tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_triton_{kernels,aot,select}.py
   tests_line=$(grep -E '[0-9]+ (passed|failed|errors?)( |,|$)' "$LOG" | tail -n 1 | tr -d '=|')
   [ -n "$tests_line" ] && ROWS+=("| tests: pytest said | ${tests_line# } | |")
 fi
@@ -198,7 +198,7 @@ fi
 if want kernels; then
   run_phase kernels 150 "$PY" benchmarks/kernels.py --out "$RESULTS" --name "kernels_$TAG" \
     --lengths 16384,32768,65536,131072
-  if [ -f "$RESULTS/kernels_$TAG.csv" ] && [ ! "$RESULTS/kernels_$TAG.md" -nt "$RESULTS/kernels_$TAG.csv" ]; then
+  if [ -f "$RESULTS/kernels_$TAG.csv" ] && [ ! "$RESULTS/kernels_${TAG}.md" -nt "$RESULTS/kernels_$TAG.csv" ]; then
     "$PY" benchmarks/kernels.py --from-csv "$RESULTS/kernels_$TAG.csv" >>"$LOG" 2>&1  # a run cut short: render it
   fi
 fi
