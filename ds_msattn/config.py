@@ -20,6 +20,10 @@ from pathlib import Path
 import yaml
 
 from .attention.options import MODEL_OPTIONS, make_options
+from .attention.s2 import DEFAULT_GROUP_RATIO, check_shifted_params
+
+#: Attention implementations of the shifted family (ds_msattn.hf_shifted): training attentions, dense at eval.
+SHIFTED_IMPLEMENTATIONS = ("s2_attention", "sf_attention")
 
 
 def _check_choice(key: str, value, allowed) -> None:
@@ -54,11 +58,38 @@ class ModelConfig:
 
 
 @dataclass
+class ShiftedAttentionConfig:
+    """S2-Attn / SF-Attn parameters (docs/other_methods.md); they go to `config.shifted_attention`."""
+
+    group_size: int | None = None
+    """G, tokens per group; null: int(seq_len * group_ratio), as LongLoRA."""
+    group_ratio: float = DEFAULT_GROUP_RATIO
+    """G as a fraction of the sequence when group_size is null (LongLoRA: 1/4)."""
+    shift: int | None = None
+    """Tokens the second half of the heads is shifted by; null: G // 2."""
+    wrap: bool | None = None
+    """Cyclic shift (LongLoRA's roll) or groups [0, shift), [shift, shift + G), ...; null: s2 true, sf false."""
+    sink_tokens: int | None = None
+    """Leading tokens every query also attends to; null: s2 0, sf 4."""
+    eval_dense: bool = True
+    """Dense causal attention when the model is in eval mode (LongLoRA's inference); false keeps the pattern."""
+
+    def __post_init__(self):
+        try:
+            check_shifted_params(self.group_size, self.group_ratio, self.shift, self.sink_tokens or 0)
+        except ValueError as e:
+            raise ValueError(f"attention.shifted.{e}") from None
+
+    def model_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class AttentionConfig:
     """Attention implementation; MS parameters go to `config.ms_attention` for ds_msattn.hf."""
 
     implementation: str = "ms_attention"
-    """ms_attention, sdpa or eager."""
+    """ms_attention, s2_attention, sf_attention, sdpa or eager."""
     region_size: int = 16
     """c: tokens per region."""
     top_k: int = 8
@@ -77,9 +108,12 @@ class AttentionConfig:
     """rope or position_free: what region summaries are means of."""
     select_per: str = MODEL_OPTIONS["select_per"]
     """head or kv_group: one selection per query head or per kv head."""
+    shifted: ShiftedAttentionConfig = field(default_factory=ShiftedAttentionConfig)
+    """Parameters of s2_attention and sf_attention."""
 
     def __post_init__(self):
-        _check_choice("attention.implementation", self.implementation, {"ms_attention", "sdpa", "eager"})
+        _check_choice("attention.implementation", self.implementation,
+                      {"ms_attention", "sdpa", "eager", *SHIFTED_IMPLEMENTATIONS})
         _check_positive("attention.region_size", self.region_size)
         _check_positive("attention.top_k", self.top_k)
         if not 1 <= self.merge <= self.top_k:
@@ -291,6 +325,12 @@ class RunConfig:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("output_dir must be a non-empty path")
+        if self.attention.implementation in SHIFTED_IMPLEMENTATIONS and self.parallel.sequence_parallel_size > 1:
+            raise ValueError(
+                f"attention.implementation={self.attention.implementation} does not support sequence parallelism "
+                f"(parallel.sequence_parallel_size={self.parallel.sequence_parallel_size}): its groups and shifted "
+                "heads need the whole sequence on one rank; use parallel.sequence_parallel_size=1 (ZeRO-3 data "
+                "parallelism works)")
         if not self.resume:
             raise ValueError("resume must be 'auto', 'none' or a checkpoint directory, got ''")
 

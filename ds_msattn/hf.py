@@ -192,3 +192,5 @@ def ms_attention_forward(
 
 AttentionInterface.register(NAME, ms_attention_forward)
 AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+from . import hf_shifted  # noqa: E402,F401  (registers "s2_attention" and "sf_attention": ds_msattn/hf_shifted.py)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import RunConfig, load_config, save_config, split_argv
+from .config import SHIFTED_IMPLEMENTATIONS, RunConfig, load_config, save_config, split_argv
 from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
 from .parallel.zero import loading_allocator, partitioned_loading, release_copied_partitions
 from .positions import CrdNtkSchedule, set_inference_positions
@@ -113,6 +113,8 @@ def build_model(cfg: RunConfig, ds_config: dict | None = None) -> torch.nn.Modul
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     impl = cfg.attention.implementation
     ms = cfg.attention.ms_attention_dict()
+    # s2_attention / sf_attention read their parameters from config.shifted_attention (ds_msattn.hf_shifted)
+    extra = {"shifted_attention": cfg.attention.shifted.model_dict()} if impl in SHIFTED_IMPLEMENTATIONS else {}
     with partitioned_loading(ds_config, cfg.parallel.zero_init):
         if cfg.model.name == "tiny":
             from transformers import AutoModelForCausalLM
@@ -121,13 +123,15 @@ def build_model(cfg: RunConfig, ds_config: dict | None = None) -> torch.nn.Modul
 
             config = tiny_llama_config(**cfg.model.tiny)
             config.ms_attention = ms
+            for key, value in extra.items():
+                setattr(config, key, value)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
             # the same weights however the model was built (plain, or partitioned on any world size)
             init_weights_seeded(model, cfg.model.init_seed)
         else:
             from .models import load_model
 
-            model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype)
+            model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype, **extra)
     if getattr(model.config, "attention_dropout", 0.0):
         model.config.attention_dropout = 0.0  # MS attention has no dropout; keeps resumed runs exact
     model.config.use_cache = False
