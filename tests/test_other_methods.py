@@ -211,3 +211,183 @@ def test_tiny_recipe_trains_with_each_shifted_attention(tmp_path):
     first = {impl: rows[0]["loss"] for impl, rows in losses.items()}
     assert len(set(first.values())) == 3, first
     assert "implementation: sf_attention" in (tmp_path / "sf_attention" / "config.yaml").read_text()
+
+
+# ------------------------------------------------------------------ H2O KV-cache eviction
+
+
+def _tiny_lm(**config):
+    from transformers import AutoModelForCausalLM
+
+    from ds_msattn.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(**config), attn_implementation="sdpa").eval()
+
+
+def test_keep_indices_hand_case():
+    from ds_msattn.eval.h2o import keep_indices
+
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.2, 0.05], [0.2, 0.2, 0.1, 0.2, 0.0, 1.0]])
+    # budget 3, recent 1: the last entry, and the 2 highest of the others (ties: the earlier token), in order
+    assert keep_indices(scores, 3, 1).tolist() == [[0, 2, 5], [0, 1, 5]]
+    assert keep_indices(scores, 3, 3).tolist() == [[3, 4, 5], [3, 4, 5]]  # recent only: a sliding window
+    assert keep_indices(scores, 2, 0).tolist() == [[0, 2], [0, 5]]
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_budget_at_least_the_length_is_dense_decoding(chunk):
+    from ds_msattn.eval.h2o import H2OModel, H2OPolicy
+    from ds_msattn.eval.passkey import greedy_generate
+
+    dense = _tiny_lm()
+    h2o = H2OModel(copy.deepcopy(dense), H2OPolicy(budget=64, recent=4, chunk=chunk))
+    ids = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(h2o.model(ids).last_hidden_state, dense.model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert greedy_generate(h2o, ids[0], 8) == greedy_generate(dense, ids[0], 8)
+    cache = h2o(ids).past_key_values
+    assert cache.seen == 41 and all(layer.positions[0, 0].tolist() == list(range(41)) for layer in cache.layers)
+
+
+def test_hand_checked_eviction_with_uniform_attention():
+    """q_proj = 0: every query attends uniformly, so a token's score is sum over steps of 1/(keys seen).
+
+    budget 4, recent 2, one token per step. Steps 0-3 fill the cache; step 4 sees 5 keys, scores
+    0: 1+1/2+1/3+1/4+1/5, 1: 1/2+...+1/5, 2: 1/3+1/4+1/5 -> token 2 goes (recent 3, 4 stay); step 5 evicts 3, step 6
+    evicts 4, step 7 evicts 5: the heavy hitters are the first two tokens, then the last two.
+    """
+    from ds_msattn.eval.h2o import H2OModel, H2OPolicy
+
+    lm = _tiny_lm()
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+    h2o = H2OModel(lm, H2OPolicy(budget=4, recent=2, chunk=1))
+    cache = h2o(torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))).past_key_values
+    h = [sum(1 / n for n in range(a, 6)) for a in (1, 2)]  # scores of tokens 0 and 1 after step 4
+    for layer in cache.layers:
+        assert (layer.positions == torch.tensor([0, 1, 6, 7])).all()
+        # tokens 0, 1: step 4's sums plus 1/5 in each of steps 5, 6, 7; 6: 1/5 + 1/5; 7: 1/5; times the 2 query
+        # heads that share each kv head (4 heads, 2 kv heads)
+        want = 2 * torch.tensor([h[0] + 3 / 5, h[1] + 3 / 5, 2 / 5, 1 / 5], dtype=torch.float64)
+        torch.testing.assert_close(layer.scores[0, 0], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("budget,recent,chunk", [(10, 3, 4), (6, 0, 1), (8, 8, 3)], ids=["mixed", "heavy-only", "window"])
+def test_cache_path_matches_the_step_by_step_reference(budget, recent, chunk):
+    from transformers import AttentionInterface
+
+    from ds_msattn.eval.h2o import H2OModel, H2OPolicy
+    from ds_msattn.eval.h2o_reference import h2o_attention_reference
+
+    T = 30
+    steps = [chunk] * (T // chunk) + ([T % chunk] if T % chunk else [])
+    dense = _tiny_lm()
+    kept = {}
+
+    def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, kept[module.layer_idx] = h2o_attention_reference(query, key, value, steps=steps, budget=budget,
+                                                              recent=recent, scale=scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("h2o_reference_test", reference_attention)
+    oracle = copy.deepcopy(dense)
+    oracle.config._attn_implementation = "h2o_reference_test"
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(3))
+    h2o = H2OModel(copy.deepcopy(dense), H2OPolicy(budget=budget, recent=recent, chunk=chunk))
+    out = h2o.model(ids)
+    with torch.no_grad():
+        want = oracle.model(ids).last_hidden_state
+    torch.testing.assert_close(out.last_hidden_state, want, atol=2e-5, rtol=1e-5)
+    for i, layer in enumerate(out.past_key_values.layers):
+        assert layer.positions[0].tolist() == kept[i][0], f"layer {i}"
+    assert (out.last_hidden_state - dense.model(ids).last_hidden_state).abs().max() > 1e-3  # eviction acts
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(budget=0, recent=0), "kv_budget"), (dict(budget=4, recent=5), "recent"), (dict(budget=4, recent=-1), "recent"),
+    (dict(budget=4, recent=2, chunk=0), "kv_chunk"),
+])
+def test_bad_policy_raises_value_error_naming_it(kwargs, says):
+    from ds_msattn.eval.h2o import H2OPolicy
+
+    with pytest.raises(ValueError, match=says):
+        H2OPolicy(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root)
+    _tiny_lm().save_pretrained(root)
+    (root / "doc.txt").write_text("It was the best of times, it was the worst of times. " * 12)
+    return root
+
+
+def test_eval_cli_ppl_and_passkey_with_h2o(tiny_dir, tmp_path):
+    from ds_msattn.eval.cli import main
+    from ds_msattn.eval.h2o import H2OModel, H2OPolicy
+    from ds_msattn.eval.ppl import perplexity
+    from ds_msattn.models import load_model, load_tokenizer
+
+    out = tmp_path / "ppl.json"
+    assert main(["ppl", "--model", str(tiny_dir), "--text-file", str(tiny_dir / "doc.txt"), "--context", "128",
+                 "--kv-cache", "h2o", "--kv-budget", "32", "--recent", "8", "--kv-chunk", "16", "--output", str(out),
+                 "--quiet"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["kv_cache"] == {"policy": "h2o", "budget": 32, "recent": 8, "heavy": 24, "chunk": 16}
+    model = load_model(str(tiny_dir)).eval()
+    ids = torch.tensor(load_tokenizer(str(tiny_dir))((tiny_dir / "doc.txt").read_text())["input_ids"])
+    quiet = lambda *_: None  # noqa: E731
+    want = perplexity(H2OModel(copy.deepcopy(model), H2OPolicy(32, 8, 16)), [ids], 128, log=quiet)
+    dense = perplexity(model, [ids], 128, log=quiet)
+    assert rep["results"][0]["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
+    assert rep["results"][0]["ppl"] != pytest.approx(dense["ppl"], rel=1e-4)
+    pk = tmp_path / "pk.json"
+    assert main(["passkey", "--model", str(tiny_dir), "--lengths", "200", "--depths", "0.5", "--trials", "1",
+                 "--kv-cache", "h2o", "--kv-budget", "48", "--output", str(pk), "--quiet"]) == 0
+    assert json.loads(pk.read_text())["kv_cache"]["recent"] == 24
+
+
+H2O_FLAG_ERRORS = [
+    pytest.param(["--kv-cache", "h2o"], "--kv-budget", id="no-budget"),
+    pytest.param(["--kv-budget", "16"], "--kv-cache h2o", id="budget-without-h2o"),
+    pytest.param(["--kv-cache", "h2o", "--kv-budget", "16", "--recent", "17"], "recent", id="recent-over-budget"),
+    pytest.param(["--kv-cache", "h2o", "--kv-budget", "0"], "kv_budget", id="zero-budget"),
+    pytest.param(["--kv-cache", "h2o", "--kv-budget", "16", "--kv-chunk", "0"], "kv_chunk", id="zero-chunk"),
+    pytest.param(["--kv-cache", "h2o", "--kv-budget", "16", "--attn", "ms_attention"], "--attn sdpa", id="not-dense"),
+]
+
+
+def _ppl_args(tmp_path, extra):
+    return ["ppl", "--model", str(tmp_path / "no_model"), "--text-file", "README.md", "--context", "64",
+            "--output", str(tmp_path / "p.json"), *extra]
+
+
+@pytest.mark.parametrize("extra,says", H2O_FLAG_ERRORS)
+def test_h2o_flag_errors_exit_2_before_loading(tmp_path, capsys, extra, says):
+    from ds_msattn.eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(_ppl_args(tmp_path, extra))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "error" in lines[0] and says in lines[0], lines
+
+
+def test_h2o_flag_error_is_one_line_from_the_command(tmp_path):
+    from subprocess_env import clean_env
+
+    code = "import sys\nfrom ds_msattn.cli import main\nsys.exit(main(sys.argv[1:]))"
+    args = ["eval", *_ppl_args(tmp_path, ["--kv-cache", "h2o", "--kv-budget", "16", "--recent", "17"])]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=clean_env(1) | {"DS_MSATTN_VERBOSE": "0"},
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "error" in lines[0] and "recent must be <= kv_budget=16" in lines[0] and "Traceback" not in proc.stderr

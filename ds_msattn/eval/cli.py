@@ -56,6 +56,38 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-window/per-trial lines (progress stays on stderr)")
 
 
+def _kv_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", default="none", choices=["none", "h2o"],
+                   help="KV-cache policy: none (keep everything) or h2o (heavy hitters + recent window, ds_msattn/eval/h2o.py)")
+    p.add_argument("--kv-budget", type=int, default=None, help="h2o: tokens kept per layer and kv head (heavy + recent)")
+    p.add_argument("--recent", type=int, default=None, help="h2o: most recent tokens always kept (default budget // 2)")
+    p.add_argument("--kv-chunk", type=int, default=None, help="h2o: tokens per step while reading the input (default 64)")
+
+
+def _kv_policy(args, parser):
+    """The H2O policy of ``--kv-cache h2o`` (None without); flag misuse is a one-line error (exit code 2)."""
+    if not hasattr(args, "kv_cache"):  # stream has its own memory bound
+        return None
+    if args.kv_cache == "none":
+        for flag, value in (("--kv-budget", args.kv_budget), ("--recent", args.recent), ("--kv-chunk", args.kv_chunk)):
+            if value is not None:
+                parser.error(f"{flag} needs --kv-cache h2o")
+        return None
+    if args.kv_budget is None:
+        parser.error("--kv-cache h2o needs --kv-budget N")
+    if args.attn not in ("sdpa", "eager"):
+        parser.error(f"--kv-cache h2o computes its own dense attention over the kept cache: use --attn sdpa, not {args.attn}")
+    if getattr(args, "diagnose", False):
+        parser.error("--diagnose needs --attn ms_attention, not --kv-cache h2o")
+    from .h2o import DEFAULT_CHUNK, H2OPolicy
+
+    try:
+        return H2OPolicy(budget=args.kv_budget, recent=args.kv_budget // 2 if args.recent is None else args.recent,
+                         chunk=DEFAULT_CHUNK if args.kv_chunk is None else args.kv_chunk)
+    except ValueError as e:
+        parser.error(f"--kv-cache h2o: {e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="ds-msattn eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="task", required=True)
@@ -72,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="needle recall: did the answering block select a region holding the key (ms_attention)")
     pk.add_argument("--trials-file", default=None,
                     help="JSON lines: each trial appended when it ends; trials already there are not rerun (resume)")
+    _kv_cache_args(pk)
     pp = sub.add_parser("ppl", help="perplexity per context length")
     _model_args(pp)
     src = pp.add_mutually_exclusive_group(required=True)
@@ -81,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=int, default=None, help="sliding stride (default: non-overlapping)")
     pp.add_argument("--max-windows", type=int, default=None, help="windows per context length")
     pp.add_argument("--max-tokens", type=int, default=None, help="tokens per document read")
+    _kv_cache_args(pp)
     from .stream import add_stream_args
 
     add_stream_args(sub, _model_args)
@@ -111,6 +145,7 @@ def _texts(args) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    policy = _kv_policy(args, build_parser())
     if getattr(args, "diagnose", False) and args.attn != "ms_attention":
         build_parser().error("--diagnose needs --attn ms_attention (it reports what MS selection picked)")
     import torch
@@ -130,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)  # a bad --model fails here, before any output
     say(f"eval {args.task}: loading {args.model} ({spec.describe()})")
     model = load_eval_model(spec, device=args.device)
+    if policy is not None:
+        from .h2o import H2OModel
+
+        say(f"eval {args.task}: KV cache {policy.describe()}")
+        model = H2OModel(model, policy)
     from ds_msattn.progress import LayerProgress, progress_bar
 
     layers = model.model.layers  # progress bars advance per decoder layer of each prefill
@@ -139,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         # what ran: options left unset take the model defaults
         "ms_attention": {**MODEL_OPTIONS, **spec.ms_params} if args.attn == "ms_attention" else None, "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "kv_cache": None if policy is None else {"policy": "h2o", "budget": policy.budget, "recent": policy.recent,
+                                                 "heavy": policy.heavy, "chunk": policy.chunk},
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
