@@ -76,38 +76,70 @@ def group_layout(T: int, G: int, offset: int, wrap: bool, device=None) -> tuple[
     return slots, front
 
 
+def _masked_groups(q, k, v, slot_groups: torch.Tensor, slot_of_token: torch.Tensor, G: int, S: int, scale: float):
+    """Attention of the groups that need a mask (padding, or sink tokens inside): ``[B, H, m, G, Dv]``.
+
+    ``slot_groups [m, G]``: the token of each slot (-1: padding); slot numbers are ``i * G + r`` of the whole layout.
+    """
+    m = slot_groups.shape[0]
+    valid = slot_groups >= 0
+    grouped = [x[:, :, slot_groups.clamp(min=0)] for x in (q, k, v)]  # [B, H, m, G, D]
+    order = torch.arange(G, device=q.device)
+    # key j visible to query i of the same group: j not padding and j <= i in slot order; a padding query sees
+    # itself only (its output is dropped) so that no row is empty
+    mask = (order[None, :, None] >= order[None, None, :]) & valid[:, None, :]  # [m, G(query), G(key)]
+    mask = mask | (~valid[:, :, None] & (order[:, None] == order[None, :])[None])
+    if S:
+        sink = torch.arange(S, device=q.device)
+        sink_slot = slot_of_token[sink][None, None, :]
+        query_slot = torch.where(valid, slot_of_token[slot_groups.clamp(min=0)], -1)  # [m, G]
+        # a sink is seen by the queries at or after it (token order) that do not see it inside their own group
+        in_group = (sink_slot // G == query_slot[:, :, None] // G) & (sink_slot <= query_slot[:, :, None])
+        sink_mask = (sink[None, None, :] <= slot_groups[:, :, None]) & valid[:, :, None] & ~in_group  # [m, G, S]
+        grouped[1] = torch.cat([k[:, :, None, :S].expand(-1, -1, m, -1, -1), grouped[1]], dim=3)  # [B, H, m, S+G, D]
+        grouped[2] = torch.cat([v[:, :, None, :S].expand(-1, -1, m, -1, -1), grouped[2]], dim=3)
+        mask = torch.cat([sink_mask, mask], dim=2)
+    return F.scaled_dot_product_attention(*grouped, attn_mask=mask, scale=scale)
+
+
+def _causal_groups(q, k, v, token_groups: torch.Tensor, S: int, scale: float):
+    """Attention of full groups holding no sink token: ``[B, H, m, G, Dv]`` through SDPA's causal kernel.
+
+    With sinks, the S sink keys go first and S placeholder queries before the group's, so that the causal mask
+    (query S + i sees keys <= S + i) lets every query see all sinks and its group up to itself.
+    """
+    B, H = q.shape[:2]
+    m, G = token_groups.shape
+    qg, kg, vg = (x[:, :, token_groups] for x in (q, k, v))  # [B, H, m, G, D]
+    if S:
+        qg = torch.cat([qg.new_zeros(B, H, m, S, qg.shape[-1]), qg], dim=3)
+        kg = torch.cat([k[:, :, None, :S].expand(-1, -1, m, -1, -1), kg], dim=3)
+        vg = torch.cat([v[:, :, None, :S].expand(-1, -1, m, -1, -1), vg], dim=3)
+    out = F.scaled_dot_product_attention(qg.flatten(1, 2), kg.flatten(1, 2), vg.flatten(1, 2), is_causal=True,
+                                         scale=scale)  # [B, H*m, S+G, Dv]: 4D keeps SDPA's fused CPU/GPU kernels
+    return out.unflatten(1, (H, m))[:, :, :, S:]
+
+
 def _grouped_attention(q, k, v, slots: torch.Tensor, G: int, sinks: int, scale: float) -> torch.Tensor:
-    """Causal attention inside groups of a layout, plus the first ``sinks`` tokens for every later query.
+    """Causal attention inside the groups of a layout, plus the first ``sinks`` tokens for every later query.
 
     q ``[B, H, T, D]``, k ``[B, H, T, D]``, v ``[B, H, T, Dv]`` (heads already matched) -> ``[B, H, T, Dv]``.
     """
-    B, H, T, _ = q.shape
+    T = q.shape[2]
     n = slots.shape[0] // G
+    S = min(sinks, T)
+    slot_groups = slots.view(n, G)  # [n, G]
     valid = slots >= 0
-    index = slots.clamp(min=0)
-    grouped = [x[:, :, index].unflatten(2, (n, G)) for x in (q, k, v)]  # [B, H, n, G, D]
-    order = torch.arange(G, device=q.device)
-    valid_g = valid.view(n, G)
-    # key j visible to query i of the same group: j not padding and j <= i in slot order; a padding query sees
-    # itself only (its output is dropped) so that no row is empty
-    mask = (order[None, :, None] >= order[None, None, :]) & valid_g[:, None, :]  # [n, G(query), G(key)]
-    mask = mask | (~valid_g[:, :, None] & (order[:, None] == order[None, :])[None])
-    if sinks:
-        S = min(sinks, T)
-        sink_k, sink_v = k[:, :, :S, None].expand(-1, -1, -1, n, -1), v[:, :, :S, None].expand(-1, -1, -1, n, -1)
-        sink_k, sink_v = sink_k.transpose(2, 3), sink_v.transpose(2, 3)  # [B, H, n, S, D]
-        slot_of_token = torch.empty(T, dtype=torch.long, device=q.device)
-        slot_of_token[slots[valid]] = torch.arange(n * G, device=q.device)[valid]
-        sink = torch.arange(S, device=q.device)
-        query_token, query_slot = slots.view(n, G), torch.arange(n * G, device=q.device).view(n, G)
-        sink_slot = slot_of_token[sink][None, None, :]
-        # a sink is seen by the queries at or after it (token order) that do not see it inside their own group
-        in_group = (sink_slot // G == query_slot[:, :, None] // G) & (sink_slot <= query_slot[:, :, None])
-        sink_mask = (sink[None, None, :] <= query_token[:, :, None]) & valid_g[:, :, None] & ~in_group  # [n, G, S]
-        grouped[1] = torch.cat([sink_k, grouped[1]], dim=3)  # [B, H, n, S + G, D]
-        grouped[2] = torch.cat([sink_v, grouped[2]], dim=3)
-        mask = torch.cat([sink_mask, mask], dim=2)
-    out = F.scaled_dot_product_attention(*grouped, attn_mask=mask, scale=scale)  # [B, H, n, G, Dv]
+    slot_of_token = torch.empty(T, dtype=torch.long, device=q.device)
+    slot_of_token[slots[valid]] = torch.arange(n * G, device=q.device)[valid]
+    special = (slot_groups < 0).any(1) | ((slot_groups >= 0) & (slot_groups < S)).any(1)  # padded or holds a sink
+    masked, clean = special.nonzero().squeeze(1), (~special).nonzero().squeeze(1)
+    parts = []
+    if clean.numel():
+        parts.append(_causal_groups(q, k, v, slot_groups[clean], S, scale))
+    if masked.numel():
+        parts.append(_masked_groups(q, k, v, slot_groups[masked], slot_of_token, G, S, scale))
+    out = torch.cat(parts, dim=2)[:, :, torch.argsort(torch.cat([clean, masked]))]  # [B, H, n, G, Dv] in group order
     out = out.flatten(2, 3)[:, :, valid]  # [B, H, T, Dv] in slot order
     return out[:, :, torch.argsort(slots[valid])]  # back to token order
 
