@@ -42,7 +42,8 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("wrap,sinks", [(True, 0), (False, 0), (False, 3), (True, 2)], ids=["s2", "s2-nowrap", "sf", "wrap-sinks"])
+@pytest.mark.parametrize("wrap,sinks", [(True, 0), (False, 0), (False, 3), (True, 2)],
+                         ids=["s2", "s2-nowrap", "sf", "wrap-sinks"])
 @pytest.mark.parametrize("shape,group", SHAPES)
 def test_fast_path_matches_reference_outputs_and_gradients(shape, group, wrap, sinks):
     q, k, v = _inputs(**shape)
@@ -243,7 +244,8 @@ def test_budget_at_least_the_length_is_dense_decoding(chunk):
     dense = _tiny_lm()
     h2o = H2OModel(copy.deepcopy(dense), H2OPolicy(budget=64, recent=4, chunk=chunk))
     ids = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(h2o.model(ids).last_hidden_state, dense.model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2o.model(ids).last_hidden_state, dense.model(ids).last_hidden_state,
+                               atol=1e-5, rtol=1e-5)
     assert greedy_generate(h2o, ids[0], 8) == greedy_generate(dense, ids[0], 8)
     cache = h2o(ids).past_key_values
     assert cache.seen == 41 and all(layer.positions[0, 0].tolist() == list(range(41)) for layer in cache.layers)
@@ -273,7 +275,8 @@ def test_hand_checked_eviction_with_uniform_attention():
         torch.testing.assert_close(layer.scores[0, 0], want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("budget,recent,chunk", [(10, 3, 4), (6, 0, 1), (8, 8, 3)], ids=["mixed", "heavy-only", "window"])
+@pytest.mark.parametrize("budget,recent,chunk", [(10, 3, 4), (6, 0, 1), (8, 8, 3)],
+                         ids=["mixed", "heavy-only", "window"])
 def test_cache_path_matches_the_step_by_step_reference(budget, recent, chunk):
     from transformers import AttentionInterface
 
@@ -305,7 +308,8 @@ def test_cache_path_matches_the_step_by_step_reference(budget, recent, chunk):
 
 
 @pytest.mark.parametrize("kwargs,says", [
-    (dict(budget=0, recent=0), "kv_budget"), (dict(budget=4, recent=5), "recent"), (dict(budget=4, recent=-1), "recent"),
+    (dict(budget=0, recent=0), "kv_budget"), (dict(budget=4, recent=5), "recent"),
+    (dict(budget=4, recent=-1), "recent"),
     (dict(budget=4, recent=2, chunk=0), "kv_chunk"),
 ])
 def test_bad_policy_raises_value_error_naming_it(kwargs, says):
@@ -352,7 +356,7 @@ def test_eval_cli_ppl_and_passkey_with_h2o(tiny_dir, tmp_path):
     assert rep["results"][0]["ppl"] != pytest.approx(dense["ppl"], rel=1e-4)
     pk = tmp_path / "pk.json"
     assert main(["passkey", "--model", str(tiny_dir), "--lengths", "200", "--depths", "0.5", "--trials", "1",
-                 "--kv-cache", "h2o", "--kv-budget", "48", "--output", str(pk), "--quiet"]) == 0
+                 "--kv-cache", "h2o", "--kv-budget", "48", "--rope", "crd-ntk", "--output", str(pk), "--quiet"]) == 0
     assert json.loads(pk.read_text())["kv_cache"]["recent"] == 24
 
 

@@ -58,10 +58,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _kv_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", default="none", choices=["none", "h2o"],
-                   help="KV-cache policy: none (keep everything) or h2o (heavy hitters + recent window, ds_msattn/eval/h2o.py)")
-    p.add_argument("--kv-budget", type=int, default=None, help="h2o: tokens kept per layer and kv head (heavy + recent)")
-    p.add_argument("--recent", type=int, default=None, help="h2o: most recent tokens always kept (default budget // 2)")
-    p.add_argument("--kv-chunk", type=int, default=None, help="h2o: tokens per step while reading the input (default 64)")
+                   help="KV-cache policy: none (keep everything) or h2o (heavy hitters + a recent window)")
+    p.add_argument("--kv-budget", type=int, default=None,
+                   help="h2o: tokens kept per layer and kv head (heavy hitters + recent)")
+    p.add_argument("--recent", type=int, default=None,
+                   help="h2o: most recent tokens always kept (default: half the budget)")
+    p.add_argument("--kv-chunk", type=int, default=None,
+                   help="h2o: tokens per step while reading the input (default 64; 1: H2O's per-token rule)")
 
 
 def _kv_policy(args, parser):
@@ -69,14 +72,16 @@ def _kv_policy(args, parser):
     if not hasattr(args, "kv_cache"):  # stream has its own memory bound
         return None
     if args.kv_cache == "none":
-        for flag, value in (("--kv-budget", args.kv_budget), ("--recent", args.recent), ("--kv-chunk", args.kv_chunk)):
+        flags = {"--kv-budget": args.kv_budget, "--recent": args.recent, "--kv-chunk": args.kv_chunk}
+        for flag, value in flags.items():
             if value is not None:
                 parser.error(f"{flag} needs --kv-cache h2o")
         return None
     if args.kv_budget is None:
         parser.error("--kv-cache h2o needs --kv-budget N")
     if args.attn not in ("sdpa", "eager"):
-        parser.error(f"--kv-cache h2o computes its own dense attention over the kept cache: use --attn sdpa, not {args.attn}")
+        parser.error(f"--kv-cache h2o computes its own dense attention over the kept cache: use --attn sdpa, "
+                     f"not {args.attn}")
     if getattr(args, "diagnose", False):
         parser.error("--diagnose needs --attn ms_attention, not --kv-cache h2o")
     from .h2o import DEFAULT_CHUNK, H2OPolicy

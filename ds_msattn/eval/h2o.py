@@ -153,23 +153,22 @@ class _Backbone:
         return BaseModelOutputWithPast(last_hidden_state=self._owner.run(input_ids, cache), past_key_values=cache)
 
 
-class H2OModel:
+class H2OModel(torch.nn.Module):
     """A causal LM whose every forward goes through an :class:`H2OCache` in steps of ``policy.chunk`` tokens.
 
     ``model(input_ids, past_key_values=...)``: a cache that is not an H2OCache (None, or the empty DynamicCache of
     ``greedy_generate``) starts a new one; the returned ``past_key_values`` is the H2OCache to pass back.
-    ``model.model(input_ids)``: hidden states of a whole input through a fresh cache.
+    ``model.model(input_ids)``: hidden states of a whole input through a fresh cache. The wrapped model is a
+    submodule, so ``parameters()`` and ``modules()`` (CRD-NTK's rotary rebuild) reach it.
     """
 
     def __init__(self, model, policy: H2OPolicy):
+        super().__init__()
         self.base = model
         self.policy = policy
         self.config = model.config
         model.config._attn_implementation = NAME
         self.model = _Backbone(self)
-
-    def parameters(self, *args, **kwargs):
-        return self.base.parameters(*args, **kwargs)
 
     def get_output_embeddings(self):
         return self.base.get_output_embeddings()
@@ -192,8 +191,8 @@ class H2OModel:
         cache.seen += input_ids.shape[1]
         return torch.cat(parts, dim=1)
 
-    def __call__(self, input_ids, past_key_values=None, use_cache: bool = True, logits_to_keep: int = 0,
-                 position_ids=None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(self, input_ids, past_key_values=None, use_cache: bool = True, logits_to_keep: int = 0,
+                position_ids=None, **kwargs) -> CausalLMOutputWithPast:
         cache = past_key_values if isinstance(past_key_values, H2OCache) else self.new_cache()
         if position_ids is not None and int(position_ids.view(-1)[0]) != cache.seen:
             raise ValueError(f"H2OModel continues at position {cache.seen}, got position_ids from "
