@@ -88,7 +88,7 @@ def measure(spec: dict) -> dict:
     model = LlamaForCausalLM._from_config(config, attn_implementation=spec["attn"], dtype=torch.float32)
     model.train()
     if spec["checkpointing"]:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     B, T, V = int(spec.get("batch", 1)), int(spec["seq_len"]), config.vocab_size
     engine = None

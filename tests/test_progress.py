@@ -14,7 +14,7 @@ from ds_msattn.progress import LayerProgress, LineProgress, StepProgress
 
 def tiny_model(layers: int = 3):
     model = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=layers), attn_implementation="sdpa")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
