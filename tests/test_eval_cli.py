@@ -8,21 +8,17 @@ import math
 
 import pytest
 import torch
+from tiny_tokenizer import save_byte_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from ds_msattn.models import tiny_llama_config
 
     root = tmp_path_factory.mktemp("tiny")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root)
+    save_byte_tokenizer(root)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(root)
     text = root / "doc.txt"

@@ -22,6 +22,7 @@ import ds_msattn  # noqa: F401  (registers the attention implementations)
 from ds_msattn.attention.s2 import shifted_sparse_attention
 from ds_msattn.attention.sf import sf_attention
 from ds_msattn.attention.shifted_reference import shifted_attention_reference, visible
+from tiny_tokenizer import save_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "ds_configs/recipes/tiny.yaml"
@@ -321,15 +322,8 @@ def test_bad_policy_raises_value_error_naming_it(kwargs, says):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("tiny")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root)
+    save_byte_tokenizer(root)
     _tiny_lm().save_pretrained(root)
     (root / "doc.txt").write_text("It was the best of times, it was the worst of times. " * 12)
     return root
