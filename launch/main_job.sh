@@ -159,10 +159,7 @@ for r in rows:
           f"{r['peak_memory_mib']:.0f} MiB")
 print(f"\nperplexity at a {ctx}-token context on the held-out work (SmolLM2's native context: 8192)")
 def ms_label(label):  # MS parameters and options as the row's JSON records them
-    from ds_msattn.attention.options import MODEL_OPTIONS
-
-    # options the row left unset ran with the model defaults
-    p = {**MODEL_OPTIONS, **(json.loads((out / f"{label}.json").read_text()).get("ms_attention") or {})}
+    p = json.loads((out / f"{label}.json").read_text()).get("ms_attention") or {}  # every option that ran
     text = f"MS c{p.get('region_size')} K{p.get('top_k')} m{p.get('merge')} s{p.get('sink_regions')}"
     extra = [p.get("far_positions", "exact")] if p.get("far_positions", "exact") != "exact" else []
     extra += ["pos-free"] if p.get("score", "rope") == "position_free" else []
