@@ -67,6 +67,21 @@ def test_selection_ties_go_to_lower_regions():
     assert sel[0, 0, -1].tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("levels", [3, 7, 1000, None], ids=["ties3", "ties7", "rare-ties", "continuous"])
+def test_top_ranked_equals_the_order_key_rule(levels):
+    """The float topk path (with its tie fallback) ranks exactly as the int64 order keys: set, order, ties."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, 3, 9, 40, generator=g)
+    if levels is not None:  # few distinct values: ties inside the chosen set and at its threshold
+        scores = torch.randint(0, levels, scores.shape, generator=g).float() * 0.5 - 1.0
+    scores[0, 0, 0] = -0.0  # -0.0 ties with +0.0
+    valid = torch.rand(9, 40, generator=g) > 0.3
+    valid[:, :12] = True  # every row has at least n candidates
+    for n in (1, 5, 12):
+        want = selection._top_by_keys(scores.clone(), valid, n)
+        assert torch.equal(selection.top_ranked(scores.clone(), valid, n), want)
+
+
 def test_selection_is_a_set_of_distinct_regions():
     q, k, _ = _inputs(2, 4, 2, 256, 16, 16, seed=3)
     sel = select_regions(q, k, region_size=4, top_k=10, merge=4, sink_regions=1)

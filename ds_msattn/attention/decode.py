@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .options import check_rotary, key_shifts, make_options, rotate, unrotate
-from .selection import _order_key, _validate_params, per_query_head, ranking_queries, region_means
+from .selection import _validate_params, per_query_head, ranking_queries, region_means, top_ranked
 
 # Elements of gathered keys (or scores) one chunk of queries may hold.
 CHUNK_BUDGET = 1 << 23
@@ -80,11 +80,9 @@ def decode_selection(
     if n == 0:  # the budget holds only sinks
         return torch.where(sparse[None, None, :, None], torch.where(slots < sinks, slots, -1), sel)
     scores = torch.matmul(q.float().view(B, Hkv, G * lq, D), kbar.transpose(-1, -2)).view(B, Hq, lq, R)
-    keys = _order_key(scores)
     region_ids = torch.arange(R, device=device)
     valid = (region_ids[None, :] >= sinks) & (region_ids[None, :] < hist[:, None])  # [lq, R]
-    keys.masked_fill_(~valid, torch.iinfo(torch.int64).min)
-    chosen = keys.topk(min(n, R), dim=-1).indices  # [B, Hq, lq, n]
+    chosen = top_ranked(scores, valid, min(n, R))  # [B, Hq, lq, n]; rows of dense queries are replaced below
     sink_ids = torch.arange(sinks, device=device).expand(B, Hq, lq, sinks)
     rows = torch.cat([sink_ids, chosen], dim=-1).sort(dim=-1).values
     if rows.shape[-1] < budget:

@@ -52,6 +52,38 @@ def _order_key(scores: torch.Tensor) -> torch.Tensor:
     return ordered * (1 << 32) + tiebreak
 
 
+def _top_by_keys(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """The exact rule through int64 order keys (every element keyed; the slower, always exact path)."""
+    keys = _order_key(scores)
+    keys.masked_fill_(~valid, torch.iinfo(torch.int64).min)
+    return keys.topk(n, dim=-1).indices
+
+
+def top_ranked(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` best valid columns of each row of ``scores [..., cols]``, best first, ties to the lower index.
+
+    ``valid`` broadcasts against ``scores`` (False: not a candidate). The float ``topk`` finds the set; where the
+    row's n-th value is tied with a value left out, which set ``topk`` returns is unspecified, so such rows (rare:
+    ties at the threshold, or fewer than ``n`` candidates) are redone with the int64 order keys of
+    :func:`_order_key` (a row with fewer than ``n`` candidates then ends with invalid columns). ``scores`` (fp32)
+    is overwritten. Inside the set, a stable sort orders equal values by index.
+    """
+    if n == 0:
+        return scores.new_zeros(scores.shape[:-1] + (0,), dtype=torch.int64)
+    scores = scores.float().masked_fill_(~valid, float("-inf"))
+    vals, idx = scores.topk(n, dim=-1, sorted=False)
+    exact = (scores >= vals.amin(dim=-1, keepdim=True)).sum(dim=-1) == n  # no tie left outside the set
+    if not bool(exact.all()):
+        bad = ~exact
+        rows = scores[bad]  # [rows, cols]; invalid columns already -inf, keyed below the valid ones
+        idx[bad] = _top_by_keys(rows, valid.expand_as(scores)[bad], n)
+        vals[bad] = rows.gather(-1, idx[bad])
+    idx, order = idx.sort(dim=-1)  # by index, then stably by value: equal values keep the lower index first
+    vals = vals.gather(-1, order)
+    order = vals.sort(dim=-1, descending=True, stable=True).indices
+    return idx.gather(-1, order)
+
+
 def _validate_params(region_size: int, top_k: int, merge: int, sink_regions: int) -> None:
     for name, value in (("region_size", region_size), ("top_k", top_k), ("merge", merge)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -191,12 +223,10 @@ def select_history(
         # scores[b, h, blk, i, j] = qbar[h, i] . kbar[g, j]   (no scale)
         qs = qbar_g[:, :, :, i0:i1].reshape(B, Hkv, G * (i1 - i0) * m, D)
         scores = torch.matmul(qs, kbar[:, :, :cols].transpose(-1, -2)).view(B, Hq, i1 - i0, m, cols)
-        keys = _order_key(scores)
         # Candidates of block b: sinks <= j < b*m.
         candidates = region_ids[None, :cols]
         valid = (candidates >= sinks) & (candidates < ids[:, None] * m)  # [nb, cols]
-        keys.masked_fill_(~valid[None, None, :, None, :], torch.iinfo(torch.int64).min)
-        ranked = keys.topk(n, dim=-1).indices if n > 0 else keys[..., :0]  # [B, Hq, nb, m, n]
+        ranked = top_ranked(scores, valid[None, None, :, None, :], n)  # [B, Hq, nb, m, n]
         # Rank-major reading: rank 0 of every region of the block, then rank 1, ...; the first n distinct.
         stream = ranked.transpose(-1, -2).reshape(B, Hq, i1 - i0, n * m)
         L = n * m
