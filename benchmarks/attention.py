@@ -82,14 +82,28 @@ def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
 
     base = _rss_mb()
     with torch.set_grad_enabled(backward):
-        step()  # warm-up
+        if repeats > 1:
+            step()  # warm-up (single-run cases, SDPA from 32K, take tens of seconds: no warm-up)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": statistics.median(times), "peak_mb": peak, "extra_mb": peak - base}
+    select = None
+    if impl != "sdpa":  # the region selection alone, as the op runs it (same inputs): its share of the op
+        from ds_msattn.attention import select_regions
+
+        kw = {k: v for k, v in PARAMS[impl].items()}
+        with torch.no_grad():
+            select_regions(q, k, **kw)
+            sel_times = []
+            for _ in range(max(repeats, 3)):
+                start = time.perf_counter()
+                select_regions(q, k, **kw)
+                sel_times.append(time.perf_counter() - start)
+        select = statistics.median(sel_times)
+    return {"seconds": statistics.median(times), "select_seconds": select, "peak_mb": peak, "extra_mb": peak - base}
 
 
 def measure(impl, T, hkv, mode, repeats) -> dict:
@@ -153,20 +167,24 @@ def main() -> int:
     lines = [
         "# MS attention (torch path) vs causal SDPA, CPU",
         "",
-        f"fp32, B=1, Hq=8, D=64, {os.environ.get('BENCH_THREADS', '2')} threads; median of runs (1 run for SDPA at 32K);"
+        f"fp32, B=1, Hq=8, D=64, {os.environ.get('BENCH_THREADS', '2')} threads; median of runs (1 run, no warm-up, for SDPA from 32K);"
         " `speedup` = SDPA time / MS time measured in the same run; `FLOP ratio` = attention matmul FLOPs of causal"
-        " SDPA / of MS; peak = process peak RSS, extra = peak minus RSS after making the inputs.",
+        " SDPA / of MS; `selection share` = `select_regions` alone (median of at least 3 runs in the same process) /"
+        " the whole op; peak = process peak RSS, extra = peak minus RSS after making the inputs.",
         "",
-        "| T | Hkv | pass | impl | seconds | speedup | FLOP ratio | GFLOP/s | peak MiB | extra MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Command: `python benchmarks/attention.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+        "",
+        "| T | Hkv | pass | impl | seconds | speedup | FLOP ratio | GFLOP/s | selection share | peak MiB | extra MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         dense = next(d for d in rows if d["impl"] == "sdpa" and (d["T"], d["hkv"], d["mode"]) == (r["T"], r["hkv"], r["mode"]))
         speedup = dense["seconds"] / r["seconds"]
         ratio = dense["flops"] / r["flops"]
+        share = "" if r["select_seconds"] is None else f"{100 * r['select_seconds'] / r['seconds']:.1f}%"
         lines.append(
             f"| {r['T']} | {r['hkv']} | {r['mode']} | {r['impl']} | {r['seconds']:.3f} | {speedup:.1f}x | {ratio:.1f}x |"
-            f" {r['flops'] / r['seconds'] / 1e9:.0f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} |"
+            f" {r['flops'] / r['seconds'] / 1e9:.0f} | {share} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, out.with_suffix(".png"))

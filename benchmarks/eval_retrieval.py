@@ -51,6 +51,11 @@ ROWS = {
     "grouped_pf": ("MS grouped W=2048 G=8 + position_free", _ms("grouped", "position_free", "head", "--far-window",
                                                                 "2048", "--far-group", "8")),
     "compact_pf_kv": ("MS compact + position_free + kv_group", _ms("compact", "position_free", "kv_group")),
+    "h2o": ("dense + dynamic NTK (factor 4), H2O cache 1024 (recent 512, chunks of 64)",
+            ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4", "--kv-cache", "h2o", "--kv-budget", "1024",
+             "--recent", "512", "--kv-chunk", "64"]),
+    "compact_pf_s4": ("MS compact + position_free, 4 sink regions", _ms("compact", "position_free", "head",
+                                                                      "--sink-regions", "4")),
 }
 
 
@@ -97,7 +102,7 @@ def run(args) -> None:
                     "--output", f"{stem}_{'-'.join(map(str, args.lengths))}.json", "--seed", str(args.seed)]
             if args.depths:
                 argv += ["--depths", ",".join(map(str, args.depths))]
-            if row != "dense_dynamic":
+            if "ms_attention" in ROWS[row][1]:  # needle recall is read from the MS selection
                 argv.append("--diagnose")
             print("== ds-msattn eval " + shlex.join(argv), flush=True)
             eval_main(argv)

@@ -1,0 +1,162 @@
+"""The seed papers' long-context methods side by side on SmolLM2-135M: perplexity, passkey and attention cost.
+
+One harness for every row: the rows are rows of ``benchmarks/eval_retrieval.py`` (same prompts, keys, depths and
+held-out text, seeded by length), run through its runner, so a cell measured there is not measured twice and a
+rerun resumes from the trial files in ``benchmarks/results/eval_retrieval/``. This script picks the rows, runs the
+missing cells (``run``), and gathers them with the attention cost into ``benchmarks/results/compare_methods.{md,csv,
+png}`` (``report``).
+
+    python benchmarks/compare_methods.py run --rows h2o --passkey 8192,16384,32768 --ppl 4096,16384,32768
+    python benchmarks/compare_methods.py report
+
+Rows (without fine-tuning):
+
+- ``dense_dynamic``: dense attention with dynamic NTK (factor 4): what S2-Attn and SF-Attn models run at inference
+  (LongLoRA and SinkLoRA evaluate with full attention), so without their fine-tune the two are this row.
+- ``h2o``: the same dense model with H2O's KV cache (budget 1024 tokens: the keys per query MS attention reads;
+  recent 512; the prompt read in chunks of 64 tokens).
+- ``today`` and ``compact_pf``: MS attention with the paper's rule and with the retrieval options.
+
+Cost: ``keys/query`` is the mean number of keys a query of a T-token prefill attends to (exact, counted from each
+method's rule); ``16K forward s`` is the measured time of the 16K perplexity window (one forward of the model over
+16384 tokens plus its loss, 2 threads), each run alone through the heavy queue.
+
+Heavy: run it through ``/work/shared/bin/heavy`` (one job at a time on the 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+import eval_retrieval as er  # noqa: E402  (the rows, runner and trial files this table reads)
+
+RESULTS = ROOT / "results"
+#: rows of the comparison, in table order (keys of eval_retrieval.ROWS)
+ROWS = ["dense_dynamic", "h2o", "today", "compact_pf"]
+PASSKEY = [8192, 16384, 32768]
+PPL = [4096, 16384, 32768]
+COST_T = 16384
+
+
+def _opt(args: list[str], flag: str, default):
+    return type(default)(args[args.index(flag) + 1]) if flag in args else default
+
+
+def keys_per_query(row: str, T: int) -> float:
+    """Mean keys attended per query over a causal T-token prefill, from the row's eval arguments."""
+    args = er.ROWS[row][1]
+    if "ms_attention" in args:
+        c, K, m = _opt(args, "--region-size", 16), _opt(args, "--top-k", 64), _opt(args, "--merge", 16)
+        total = 0
+        for p in range(T):
+            b = p // (m * c)
+            total += min(b * m, K - m) * c + (p - b * m * c + 1)  # selected history regions + own block, causal
+        return total / T
+    if _opt(args, "--kv-cache", "none") == "h2o":
+        budget, chunk = _opt(args, "--kv-budget", 0), _opt(args, "--kv-chunk", 64)
+        # a query of a step sees the kept cache (at most the budget) and its own step up to itself
+        return sum(min((p // chunk) * chunk, budget) + p % chunk + 1 for p in range(T)) / T
+    return (T + 1) / 2  # dense causal
+
+
+def run(args) -> None:
+    unknown = [r for r in args.rows if r not in er.ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown rows {unknown}; known: {', '.join(er.ROWS)}")
+    if args.passkey:
+        er.main(["--rows", ",".join(args.rows), "--lengths", ",".join(map(str, args.passkey)),
+                 "--haystacks", args.haystacks, "--depths", "0.1,0.3,0.5,0.7,0.9"])
+    if args.ppl:
+        er.main(["--rows", ",".join(args.rows), "--ppl-contexts", ",".join(map(str, args.ppl))])
+    report()
+
+
+def report() -> None:
+    trials = er._load_trials()
+    ppl = {}
+    for path in sorted(er.RUNS.glob("ppl_*.json")):
+        rep = json.loads(path.read_text())
+        row = path.stem[len("ppl_"):].rsplit("_", 1)[0]
+        for r in rep["results"]:
+            ppl.setdefault(row, {})[r["context"]] = r
+    rows = []
+    for row in ROWS:
+        rec = {"row": row, "label": er.ROWS[row][0]}
+        for n in PPL:
+            r = ppl.get(row, {}).get(n)
+            rec[f"ppl_{n // 1024}k"] = round(r["ppl"], 2) if r else None
+        for n in PASSKEY:
+            recs = [t for t in trials.get((row, "filler"), []) if t["length"] == n]
+            rec[f"passkey_{n // 1024}k"] = f"{sum(t['passed'] for t in recs)}/{len(recs)}" if recs else None
+        rec[f"keys_per_query_{COST_T // 1024}k"] = round(keys_per_query(row, COST_T))
+        r = ppl.get(row, {}).get(COST_T)
+        rec[f"forward_{COST_T // 1024}k_s"] = r["seconds"] if r else None
+        rows.append(rec)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "compare_methods.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = [k for k in rows[0] if k not in ("row", "label")]
+    head = [c.replace("_", " ") for c in cols]
+    lines = ["# Long-context methods side by side (SmolLM2-135M, no fine-tuning, CPU)", "",
+             "Written by `benchmarks/compare_methods.py report` from the trial files of `benchmarks/eval_retrieval.py`",
+             "(same prompts for every row). Perplexity on the held-out works (one window per context); passkey on",
+             "the filler haystack, passed/trials at depths 0.1-0.9; keys/query: mean keys a query of a 16K prefill",
+             "attends to; 16K forward: seconds of the 16K perplexity window (2 threads, one job at a time). Empty:",
+             "not measured yet.", "",
+             "| row | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+    lines += ["", "S2-Attn and SF-Attn run dense attention at inference (as LongLoRA and SinkLoRA evaluate): without",
+              "their fine-tune they are the dense row; their rows after the same short fine-tune are not measured yet.",
+              "", "Rows: " + "; ".join(f"`{r}`: `{' '.join(er.ROWS[r][1])}`" for r in ROWS)]
+    (RESULTS / "compare_methods.md").write_text("\n".join(lines) + "\n")
+    _plot(rows)
+    print("\n".join(lines))
+
+
+def _plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in rows:
+        xs = [n for n in PPL if r[f"ppl_{n // 1024}k"] is not None]
+        a.plot([x // 1024 for x in xs], [r[f"ppl_{n // 1024}k"] for n in xs], marker="o", label=r["row"])
+        xs = [n for n in PASSKEY if r[f"passkey_{n // 1024}k"]]
+        acc = [int(p) / int(t) for p, t in (r[f"passkey_{n // 1024}k"].split("/") for n in xs)]
+        b.plot([x // 1024 for x in xs], acc, marker="o", label=r["row"])
+    a.set(xlabel="context (K tokens)", ylabel="perplexity (held-out)", xscale="log", title="perplexity")
+    b.set(xlabel="length (K tokens)", ylabel="passkey accuracy", xscale="log", ylim=(-0.05, 1.05), title="passkey")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "compare_methods.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the missing cells of these rows, then report")
+    r.add_argument("--rows", type=lambda s: s.split(","), default=ROWS)
+    r.add_argument("--passkey", type=er._ints, default=PASSKEY)
+    r.add_argument("--ppl", type=er._ints, default=PPL)
+    r.add_argument("--haystacks", default="filler")
+    sub.add_parser("report", help="rebuild the table from the trial files")
+    args = p.parse_args(argv)
+    run(args) if args.cmd == "run" else report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
