@@ -14,12 +14,14 @@ COMMANDS = {
     "eval": ("ds_msattn.eval.cli", "evaluate: passkey retrieval, perplexity, recursive long-input inference"),
     "plan": ("ds_msattn.planner", "memory planner: will this model, at this length, fit on these GPUs?"),
     "demo": ("ds_msattn.demo", "MS attention vs dense on the real model: perplexity and speed"),
+    "esa-calibrate": ("ds_msattn.attention.esa_calibrate", "fit ESA's low-dimensional query/key projections"),
 }
 
 
 def usage() -> str:
     lines = ["usage: ds-msattn [--verbose] COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "--verbose (or DS_MSATTN_VERBOSE=1): full library logs, tracebacks for errors",
               "documentation: README.md, docs/design.md, docs/architecture.md"]
     return "\n".join(lines)

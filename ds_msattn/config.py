@@ -112,6 +112,10 @@ class AttentionConfig:
     """Parameters of s2_attention and sf_attention."""
 
     def __post_init__(self):
+        if self.implementation == "esa_attention":
+            raise ValueError("attention.implementation=esa_attention is an inference method (ESA selects tokens of a "
+                             "trained model and is not trained with): use it with ds-msattn eval passkey|ppl --attn "
+                             "esa_attention, and train with ms_attention, s2_attention, sf_attention, sdpa or eager")
         _check_choice("attention.implementation", self.implementation,
                       {"ms_attention", "sdpa", "eager", *SHIFTED_IMPLEMENTATIONS})
         _check_positive("attention.region_size", self.region_size)

@@ -194,3 +194,4 @@ AttentionInterface.register(NAME, ms_attention_forward)
 AttentionMaskInterface.register(NAME, flash_attention_mask)
 
 from . import hf_shifted  # noqa: E402,F401  (registers "s2_attention" and "sf_attention": ds_msattn/hf_shifted.py)
+from . import hf_esa  # noqa: E402,F401  (registers "esa_attention": ds_msattn/hf_esa.py)

@@ -34,7 +34,7 @@ def _floats(text: str) -> list[float]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="alias (smollm2) or transformers model directory")
     p.add_argument("--adapter", default=None, help="peft adapter directory from training")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "ms_attention", "eager"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "ms_attention", "eager", "esa_attention"])
     p.add_argument("--region-size", type=int, default=16)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--merge", type=int, default=16)
@@ -65,6 +65,53 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
                    help="h2o: most recent tokens always kept (default: half the budget)")
     p.add_argument("--kv-chunk", type=int, default=None,
                    help="h2o: tokens per step while reading the input (default 64; 1: H2O's per-token rule)")
+
+
+#: ``--esa-*`` flag -> key of ``config.esa_attention`` (ds_msattn/hf_esa.py); unset flags take its defaults.
+ESA_FLAGS = {"--esa-top-k": "top_k", "--esa-sink-tokens": "sink_tokens", "--esa-local-window": "local_window",
+             "--esa-chunk": "chunk_size", "--esa-proximity": "proximity", "--esa-select-per": "select_per",
+             "--esa-far-positions": "far_positions", "--esa-far-distance": "far_distance",
+             "--esa-projections": "projections", "--esa-rank": "rank"}
+
+
+def _esa_args(p: argparse.ArgumentParser) -> None:
+    from ds_msattn.attention.esa import DEFAULT_ESA, FAR_POSITIONS as ESA_FAR, SELECT_PER as ESA_SELECT
+
+    d = DEFAULT_ESA
+    p.add_argument("--esa-top-k", type=int, default=None, help=f"esa: middle tokens selected per chunk ({d['top_k']})")
+    p.add_argument("--esa-sink-tokens", type=int, default=None, help=f"esa: initial tokens ({d['sink_tokens']})")
+    p.add_argument("--esa-local-window", type=int, default=None, help=f"esa: local tokens ({d['local_window']})")
+    p.add_argument("--esa-chunk", type=int, default=None, help=f"esa: queries per chunk ({d['chunk_size']})")
+    p.add_argument("--esa-proximity", type=int, default=None, help=f"esa: proximity distance epsilon ({d['proximity']})")
+    p.add_argument("--esa-select-per", default=None, choices=list(ESA_SELECT), help="esa: one selection per layer or kv group")
+    p.add_argument("--esa-far-positions", default=None, choices=list(ESA_FAR),
+                   help="esa: selected and initial tokens at a fixed distance (paper) or their own positions")
+    p.add_argument("--esa-far-distance", type=int, default=None, help="esa: w of fixed (default: the local window)")
+    p.add_argument("--esa-projections", default=None, help="esa: directory of ds-msattn esa-calibrate (default: none, "
+                   "full-dimensional scores)")
+    p.add_argument("--esa-rank", type=int, default=None, help="esa: use the first r calibrated dimensions")
+
+
+def _esa_params(args, parser) -> dict | None:
+    """``config.esa_attention`` of ``--attn esa_attention`` (None otherwise); misuse is a one-line error (exit 2)."""
+    given = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, key in ESA_FLAGS.items()}
+    if args.attn != "esa_attention":
+        for flag, key in ESA_FLAGS.items():
+            if given[key] is not None:
+                parser.error(f"{flag} needs --attn esa_attention")
+        return None
+    if args.task == "stream":
+        parser.error("--attn esa_attention is for eval passkey and eval ppl (stream runs MS attention)")
+    params = {key: value for key, value in given.items() if value is not None}
+    from types import SimpleNamespace
+
+    from ds_msattn.hf_esa import esa_attention_params
+
+    try:
+        esa_attention_params(SimpleNamespace(esa_attention=params))
+    except ValueError as e:
+        parser.error(f"--attn esa_attention: {e}")
+    return params
 
 
 def _kv_policy(args, parser):
@@ -110,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials-file", default=None,
                     help="JSON lines: each trial appended when it ends; trials already there are not rerun (resume)")
     _kv_cache_args(pk)
+    _esa_args(pk)
     pp = sub.add_parser("ppl", help="perplexity per context length")
     _model_args(pp)
     src = pp.add_mutually_exclusive_group(required=True)
@@ -120,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-windows", type=int, default=None, help="windows per context length")
     pp.add_argument("--max-tokens", type=int, default=None, help="tokens per document read")
     _kv_cache_args(pp)
+    _esa_args(pp)
     from .stream import add_stream_args
 
     add_stream_args(sub, _model_args)
     return parser
 
 
-def _spec(args):
+def _spec(args, esa: dict | None = None):
     from .loading import EvalModelSpec
 
     ms = dict(region_size=args.region_size, top_k=args.top_k, merge=args.merge, sink_regions=args.sink_regions,
@@ -136,7 +185,7 @@ def _spec(args):
         if value is not None:
             ms[key] = value
     return EvalModelSpec(model=args.model, adapter=args.adapter, attention=args.attn, ms_params=ms, rope=args.rope,
-                         rope_factor=args.rope_factor, rope_length=args.rope_length)
+                         rope_factor=args.rope_factor, rope_length=args.rope_length, esa_params=esa)
 
 
 def _texts(args) -> dict[str, str]:
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     policy = _kv_policy(args, build_parser())
+    esa = _esa_params(args, build_parser())
     if getattr(args, "diagnose", False) and args.attn != "ms_attention":
         build_parser().error("--diagnose needs --attn ms_attention (it reports what MS selection picked)")
     import torch
@@ -158,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    spec = _spec(args)
+    spec = _spec(args, esa)
     from ds_msattn.models import load_tokenizer
 
     from .loading import load_eval_model, prepare_length
@@ -187,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "kv_cache": None if policy is None else {"policy": "h2o", "budget": policy.budget, "recent": policy.recent,
                                                  "heavy": policy.heavy, "chunk": policy.chunk},
     }
+    if esa is not None:  # what ran: unset keys take the defaults of ds_msattn/hf_esa.py
+        report["esa_attention"] = spec.esa_resolved()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.task == "passkey":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 ROPE_MODES = ("none", "dynamic", "crd-ntk")
-ATTENTIONS = ("sdpa", "ms_attention", "eager")
+ATTENTIONS = ("sdpa", "ms_attention", "eager", "esa_attention")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EvalModelSpec:
     adapter: str | None = None
     """peft adapter directory (merged into the weights after loading)"""
     attention: str = "sdpa"
-    """``sdpa`` (dense), ``ms_attention`` or ``eager``"""
+    """``sdpa`` (dense), ``ms_attention``, ``eager`` or ``esa_attention`` (ESA, docs/other_methods.md)"""
     ms_params: dict = field(default_factory=lambda: {"region_size": 16, "top_k": 64, "merge": 16, "sink_regions": 1})
     """MS attention parameters (used when attention is ``ms_attention``)"""
     rope: str = "none"
@@ -40,6 +40,8 @@ class EvalModelSpec:
     rope_length: int | None = None
     """``crd-ntk`` only: the target length L of the base (default: each input's own length, at least L0).
     A fixed L gives one base for every input, e.g. the base a CRD-NTK fine-tune trained with."""
+    esa_params: dict | None = None
+    """``config.esa_attention`` keys (used when attention is ``esa_attention``; unset keys take the defaults)"""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -48,14 +50,30 @@ class EvalModelSpec:
             raise ValueError(f"rope must be one of {ROPE_MODES}, got {self.rope!r}")
         if not self.rope_factor >= 1.0:
             raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor!r}")
+        if self.attention == "esa_attention":
+            self.esa_resolved()  # ValueError naming a bad key
         if self.rope_length is not None:
             if self.rope != "crd-ntk":
                 raise ValueError(f"rope_length applies to rope 'crd-ntk' only, got rope {self.rope!r}")
             if isinstance(self.rope_length, bool) or not isinstance(self.rope_length, int) or self.rope_length < 1:
                 raise ValueError(f"rope_length must be a positive integer (tokens), got {self.rope_length!r}")
 
+    def esa_resolved(self) -> dict:
+        """The ESA parameters the model runs with: ``esa_params`` over the defaults, validated."""
+        from types import SimpleNamespace
+
+        from ds_msattn.hf_esa import esa_attention_params
+
+        return esa_attention_params(SimpleNamespace(esa_attention=dict(self.esa_params or {})))
+
     def describe(self) -> str:
         attn = self.attention
+        if attn == "esa_attention":
+            p = self.esa_resolved()
+            w = f",w={p['local_window'] if p['far_distance'] is None else p['far_distance']}" if p["far_positions"] == "fixed" else ""
+            proj = f",proj={p['projections']}" + (f",r={p['rank']}" if p["rank"] else "") if p["projections"] else ""
+            attn += (f"(k={p['top_k']},I={p['sink_tokens']},L={p['local_window']},C={p['chunk_size']},"
+                     f"eps={p['proximity']},{p['select_per']},{p['far_positions']}{w}{proj})")
         if attn == "ms_attention":
             from ds_msattn.attention.options import MODEL_OPTIONS
 
@@ -119,6 +137,8 @@ def load_eval_model(spec: EvalModelSpec, config_overrides: dict | None = None, d
         rope.update(rope_type="dynamic", factor=float(spec.rope_factor))
         overrides["rope_parameters"] = rope
     ms = spec.ms_params if spec.attention == "ms_attention" else None
+    if spec.attention == "esa_attention":
+        overrides["esa_attention"] = dict(spec.esa_params or {})
     attention = spec.attention
     if attention == "sdpa" and str(device).startswith("cuda"):
         _register_dense_gpu()
