@@ -145,9 +145,8 @@ def select_middle(scores: torch.Tensor, top_k: int, proximity: int) -> torch.Ten
 
 def check_esa_inputs(q, k, v, scale, params: ESAParams, rope_inv_freq, position_ids):
     """Shapes (the rules of ``ms_attention``, with ``Tq <= Tk``), scale and rotary inputs -> (scale, inv_freq, positions)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            _validate_tensors(q, k, v)  # raises naming the tensor
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v)):
+        _validate_tensors(q, k, v)  # raises naming the tensor
     Tq, Tk = q.shape[2], k.shape[2]
     if Tq > Tk:
         raise ValueError(f"q has more tokens ({Tq}) than k ({Tk}): the queries are the last Tq of the Tk keys")
