@@ -51,6 +51,8 @@ ROWS = {
     "grouped_pf": ("MS grouped W=2048 G=8 + position_free", _ms("grouped", "position_free", "head", "--far-window",
                                                                 "2048", "--far-group", "8")),
     "compact_pf_kv": ("MS compact + position_free + kv_group", _ms("compact", "position_free", "kv_group")),
+    "compact_pf_k128": ("MS compact + position_free, K=128 (2048 keys per query)",
+                        _ms("compact", "position_free", "head", "--top-k", "128")),
     "h2o": ("dense + dynamic NTK (factor 4), H2O cache 1024 (recent 512, chunks of 64)",
             ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4", "--kv-cache", "h2o", "--kv-budget", "1024",
              "--recent", "512", "--kv-chunk", "64"]),
