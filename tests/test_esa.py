@@ -432,6 +432,16 @@ def test_eval_esa_flag_errors_exit_2_before_loading(tmp_path, capsys, extra, say
     assert exit_info.value.code == 2 and len(lines) == 1 and says in lines[0], lines
 
 
+def test_eval_stream_refuses_esa(tmp_path, capsys):
+    from ds_msattn.eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stream", "--model", str(tmp_path / "no_model"), "--text-file", "README.md", "--attn", "esa_attention",
+              "--output", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "esa_attention is for eval passkey and eval ppl, not stream" in err
+
+
 @pytest.mark.parametrize("extra,says", [
     (["--rank", "0"], "rank must be an integer >= 1"),
     (["--text-file", "no/such/file.txt"], "No such file or directory: no/such/file.txt"),

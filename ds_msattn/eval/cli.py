@@ -100,8 +100,8 @@ def _esa_params(args, parser) -> dict | None:
             if given[key] is not None:
                 parser.error(f"{flag} needs --attn esa_attention")
         return None
-    if args.task == "stream":
-        parser.error("--attn esa_attention is for eval passkey and eval ppl (stream runs MS attention)")
+    if args.task not in ("passkey", "ppl"):
+        parser.error(f"--attn esa_attention is for eval passkey and eval ppl, not {args.task} (it runs MS attention)")
     params = {key: value for key, value in given.items() if value is not None}
     from types import SimpleNamespace
 
