@@ -40,7 +40,10 @@ import eval_retrieval as er  # noqa: E402  (the rows, runner and trial files thi
 
 RESULTS = ROOT / "results"
 #: rows of the comparison, in table order (keys of eval_retrieval.ROWS)
-ROWS = ["dense_dynamic", "h2o", "today", "compact_pf"]
+ROWS = ["dense_dynamic", "h2o", "esa", "esa_1k", "today", "compact_pf"]
+#: ESA rows' projections: directory -> local window they are fitted for (calibration on training works only)
+ESA_CALIBRATION = {"runs/esa/smollm2_w4096": 4096, "runs/esa/smollm2_w512": 512}
+ESA_TOKENS, ESA_RANK = 16384, 32
 PASSKEY = [8192, 16384, 32768]
 PPL = [4096, 16384, 32768]
 COST_T = 16384
@@ -60,6 +63,19 @@ def keys_per_query(row: str, T: int) -> float:
             b = p // (m * c)
             total += min(b * m, K - m) * c + (p - b * m * c + 1)  # selected history regions + own block, causal
         return total / T
+    if "esa_attention" in args:
+        from ds_msattn.attention.esa import DEFAULT_ESA
+
+        top, sinks = _opt(args, "--esa-top-k", DEFAULT_ESA["top_k"]), _opt(args, "--esa-sink-tokens", DEFAULT_ESA["sink_tokens"])
+        local, chunk = _opt(args, "--esa-local-window", DEFAULT_ESA["local_window"]), _opt(args, "--esa-chunk", DEFAULT_ESA["chunk_size"])
+        total = 0
+        for p in range(T):
+            start = (p // chunk) * chunk  # the query's chunk: its own part causally, then local, initial, selected
+            before = start
+            near = min(before, local)
+            far = before - near
+            total += (p - start + 1) + near + min(far, sinks) + min(max(far - sinks, 0), top)
+        return total / T
     if _opt(args, "--kv-cache", "none") == "h2o":
         budget, chunk = _opt(args, "--kv-budget", 0), _opt(args, "--kv-chunk", 64)
         # a query of a step sees the kept cache (at most the budget) and its own step up to itself
@@ -67,10 +83,26 @@ def keys_per_query(row: str, T: int) -> float:
     return (T + 1) / 2  # dense causal
 
 
+def calibrate_esa(rows) -> None:
+    """Fit the ESA projections a row needs, once (``ds-msattn esa-calibrate``)."""
+    from ds_msattn.cli import main as cli_main
+
+    for row in rows:
+        args = er.ROWS[row][1]
+        if "--esa-projections" not in args:
+            continue
+        out = args[args.index("--esa-projections") + 1]
+        if (ROOT.parent / out / "esa_projections.json").exists():
+            continue
+        cli_main(["esa-calibrate", "--model", "smollm2", "--out", str(ROOT.parent / out), "--tokens", str(ESA_TOKENS),
+                  "--rank", str(ESA_RANK), "--local-window", str(ESA_CALIBRATION[out])])
+
+
 def run(args) -> None:
     unknown = [r for r in args.rows if r not in er.ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown rows {unknown}; known: {', '.join(er.ROWS)}")
+    calibrate_esa(args.rows)
     if args.passkey:
         er.main(["--rows", ",".join(args.rows), "--lengths", ",".join(map(str, args.passkey)),
                  "--haystacks", args.haystacks, "--depths", "0.1,0.3,0.5,0.7,0.9"])

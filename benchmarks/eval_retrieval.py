@@ -56,6 +56,13 @@ ROWS = {
     "h2o": ("dense + dynamic NTK (factor 4), H2O cache 1024 (recent 512, chunks of 64)",
             ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4", "--kv-cache", "h2o", "--kv-budget", "1024",
              "--recent", "512", "--kv-chunk", "64"]),
+    # ESA (docs/other_methods.md): projections fitted by `ds-msattn esa-calibrate` (benchmarks/compare_methods.py
+    # runs it first) for the local window of the row; the paper's sizes, and a budget matched to MS (about 1K keys)
+    "esa": ("ESA, paper sizes (128 initial + 2048 selected + 4096 local tokens, chunks of 512), rank 32",
+            ["--attn", "esa_attention", "--esa-projections", "runs/esa/smollm2_w4096"]),
+    "esa_1k": ("ESA, 16 initial + 512 selected + 512 local tokens, chunks of 256, rank 32",
+               ["--attn", "esa_attention", "--esa-top-k", "512", "--esa-sink-tokens", "16", "--esa-local-window", "512",
+                "--esa-chunk", "256", "--esa-projections", "runs/esa/smollm2_w512"]),
     "compact_pf_s4": ("MS compact + position_free, 4 sink regions", _ms("compact", "position_free", "head",
                                                                       "--sink-regions", "4")),
 }
