@@ -20,7 +20,7 @@ from ds_msattn.attention.esa import esa_attention, select_middle, selection_vect
 from ds_msattn.attention.esa_calibrate import (ESAProjections, calibrate, fit_projection, load_projections,
                                                save_projections)
 from ds_msattn.attention.esa_reference import esa_attention_reference
-from tiny_tokenizer import save_byte_tokenizer
+from tiny_tokenizer import tiny_lm, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "ds_configs/recipes/tiny.yaml"
@@ -185,22 +185,13 @@ def test_full_rank_projection_selects_as_the_exact_scores(method, select_per):
                                esa_attention(q, k, v, **params), atol=1e-10, rtol=1e-10)
 
 
-def _tiny_lm(**config):
-    from transformers import AutoModelForCausalLM
-
-    from ds_msattn.models import tiny_llama_config
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_llama_config(**config), attn_implementation="sdpa").eval()
-
-
 def _sequences(n=3, T=60, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (T,), generator=gen) for _ in range(n)]
 
 
 def test_calibration_round_trip(tmp_path):
-    model = _tiny_lm()
+    model = tiny_lm()
     proj = calibrate(model, _sequences(), rank=6, local_window=16)
     assert proj.meta["num_layers"] == 2 and proj.meta["far_distance"] == 16 and proj.meta["tokens"] == 180
     assert proj.query[0].shape == (1, 2 * 16, 6)  # layer selection: kv heads concatenated
@@ -225,7 +216,7 @@ def test_calibration_fits_the_vectors_the_attention_scores():
     from ds_msattn.attention.esa import far_vectors, make_params
     from ds_msattn.attention.esa_calibrate import _captured, _register_capture
 
-    model = _tiny_lm()
+    model = tiny_lm()
     proj = calibrate(model, _sequences(T=80), rank=32, local_window=16)
     _register_capture()
     ids = _sequences(1, 50, seed=1)[0]
@@ -263,7 +254,7 @@ def _esa_model(esa: dict, **config):
 def test_registered_attention_equals_the_direct_call(tmp_path):
     from transformers import AttentionInterface
 
-    base = _tiny_lm()
+    base = tiny_lm()
     save_projections(tmp_path, calibrate(base, _sequences(), rank=8, local_window=6))
     esa = dict(top_k=5, sink_tokens=2, local_window=6, chunk_size=7, proximity=1, projections=str(tmp_path), rank=5)
     model, dense = _esa_model(esa)
@@ -349,7 +340,7 @@ def test_model_config_errors_name_the_key(tmp_path):
         cfg.esa_attention = given
         with pytest.raises(ValueError, match=says):
             esa_attention_params(cfg)
-    save_projections(tmp_path, calibrate(_tiny_lm(), _sequences(1), rank=4, local_window=16))
+    save_projections(tmp_path, calibrate(tiny_lm(), _sequences(1), rank=4, local_window=16))
     cfg.esa_attention = {"projections": str(tmp_path), "local_window": 32}
     with pytest.raises(ValueError, match="far_distance=16.*far_distance=32"):
         layer_projection(cfg, esa_attention_params(cfg), 0, 2, 16)
@@ -370,11 +361,7 @@ def test_training_with_esa_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_esa")
-    save_byte_tokenizer(root)
-    _tiny_lm().save_pretrained(root)
-    (root / "doc.txt").write_text("It was the best of times, it was the worst of times. " * 12)
-    return root
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_esa"))
 
 
 def test_calibrate_cli_writes_what_calibrate_fits(tiny_dir, tmp_path, capsys):

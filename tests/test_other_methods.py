@@ -22,7 +22,7 @@ import ds_msattn  # noqa: F401  (registers the attention implementations)
 from ds_msattn.attention.s2 import shifted_sparse_attention
 from ds_msattn.attention.sf import sf_attention
 from ds_msattn.attention.shifted_reference import shifted_attention_reference, visible
-from tiny_tokenizer import save_byte_tokenizer
+from tiny_tokenizer import tiny_lm, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "ds_configs/recipes/tiny.yaml"
@@ -218,15 +218,6 @@ def test_tiny_recipe_trains_with_each_shifted_attention(tmp_path):
 # ------------------------------------------------------------------ H2O KV-cache eviction
 
 
-def _tiny_lm(**config):
-    from transformers import AutoModelForCausalLM
-
-    from ds_msattn.models import tiny_llama_config
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_llama_config(**config), attn_implementation="sdpa").eval()
-
-
 def test_keep_indices_hand_case():
     from ds_msattn.eval.h2o import keep_indices
 
@@ -242,7 +233,7 @@ def test_budget_at_least_the_length_is_dense_decoding(chunk):
     from ds_msattn.eval.h2o import H2OModel, H2OPolicy
     from ds_msattn.eval.passkey import greedy_generate
 
-    dense = _tiny_lm()
+    dense = tiny_lm()
     h2o = H2OModel(copy.deepcopy(dense), H2OPolicy(budget=64, recent=4, chunk=chunk))
     ids = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(h2o.model(ids).last_hidden_state, dense.model(ids).last_hidden_state,
@@ -261,7 +252,7 @@ def test_hand_checked_eviction_with_uniform_attention():
     """
     from ds_msattn.eval.h2o import H2OModel, H2OPolicy
 
-    lm = _tiny_lm()
+    lm = tiny_lm()
     with torch.no_grad():
         for layer in lm.model.layers:
             layer.self_attn.q_proj.weight.zero_()
@@ -286,7 +277,7 @@ def test_cache_path_matches_the_step_by_step_reference(budget, recent, chunk):
 
     T = 30
     steps = [chunk] * (T // chunk) + ([T % chunk] if T % chunk else [])
-    dense = _tiny_lm()
+    dense = tiny_lm()
     kept = {}
 
     def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -322,11 +313,7 @@ def test_bad_policy_raises_value_error_naming_it(kwargs, says):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    save_byte_tokenizer(root)
-    _tiny_lm().save_pretrained(root)
-    (root / "doc.txt").write_text("It was the best of times, it was the worst of times. " * 12)
-    return root
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_eval_cli_ppl_and_passkey_with_h2o(tiny_dir, tmp_path):
