@@ -8,6 +8,7 @@ about half a minute per forward+backward here).
 
     python benchmarks/attention.py                      # full table, writes benchmarks/results/attention_cpu.*
     python benchmarks/attention.py --lengths 4096 --quick
+    python benchmarks/attention.py --profile 32768 --hkv 2   # where the time goes: attention_cpu_profile.txt
 
 Results: ``benchmarks/results/attention_cpu.{md,csv,png}``.
 """
@@ -132,6 +133,31 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def profile(T: int, hkv: int, out: Path) -> None:
+    """torch.profiler table (self CPU time per op) of one MS c16-K64-m16 forward+backward -> ``out``."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ds_msattn import ms_attention
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, T, 64, generator=g, requires_grad=True) for h in (8, hkv, hkv))
+    do = torch.randn(1, 8, T, 64, generator=g)
+
+    def run():
+        ms_attention(q, k, v, backend="torch", **PARAMS["c16-K64-m16"]).backward(do)
+
+    run()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    out.write_text(f"# python benchmarks/attention.py --profile {T} --hkv {hkv}\n"
+                   f"MS c16-K64-m16 forward+backward, T={T}, Hq=8, Hkv={hkv}, D=64, fp32\n\n{table}\n")
+    print(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
@@ -140,10 +166,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat everywhere")
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu"))
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=int, default=None, metavar="T",
+                        help="instead: torch.profiler table of one MS forward+backward at T tokens (first --hkv)")
     args = parser.parse_args()
     if args.worker:
         impl, T, hkv, mode, repeats = args.worker
         print(json.dumps(worker(impl, int(T), int(hkv), mode, int(repeats))))
+        return 0
+    if args.profile:
+        profile(args.profile, int(args.hkv.split(",")[0]), RESULTS / "attention_cpu_profile.txt")
         return 0
 
     rows = []

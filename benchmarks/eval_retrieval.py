@@ -86,6 +86,11 @@ def _label(key: str) -> str:
     return ROWS[key][0]
 
 
+def _row_key(row: str, args) -> str:
+    """The key a run's files are named by: the row, ``tuned-<row>`` on a fine-tuned model."""
+    return f"{TUNED}{row}" if args.fine_tuned else row
+
+
 def _row_keys(present) -> list[str]:
     """Row keys in ROWS order, each base row followed by its fine-tuned run."""
     return [k for r in ROWS for k in (r, TUNED + r) if k in present]
@@ -105,7 +110,7 @@ def run(args) -> None:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row!r}; known: {', '.join(ROWS)}")
         for haystack in args.haystacks:
-            stem = RUNS / f"{TUNED if args.fine_tuned else ''}{row}_{haystack}"
+            stem = RUNS / f"{_row_key(row, args)}_{haystack}"
             argv = ["passkey", "--model", args.fine_tuned or args.model, *ROWS[row][1], "--lengths", ",".join(map(str, args.lengths)),
                     "--trials", str(args.trials), "--haystack", haystack, "--trials-file", f"{stem}.jsonl",
                     "--output", f"{stem}_{'-'.join(map(str, args.lengths))}.json", "--seed", str(args.seed)]
@@ -138,7 +143,7 @@ def run_ppl(args) -> None:
     text = heldout_text()
     for row in args.rows:
         for ctx in args.ppl_contexts:
-            out = RUNS / f"ppl_{TUNED if args.fine_tuned else ''}{row}_{ctx}.json"
+            out = RUNS / f"ppl_{_row_key(row, args)}_{ctx}.json"
             if out.exists():
                 continue  # resume: one JSON per (row, context)
             argv = ["ppl", "--model", args.fine_tuned or args.model, *ROWS[row][1], "--text-file", str(text), "--context", str(ctx),
