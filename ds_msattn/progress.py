@@ -68,19 +68,25 @@ def progress_bar(total: int, desc: str, unit: str):
 class LayerProgress:
     """Evaluation progress in units of one prefill each (a perplexity window, a passkey trial), advanced per layer.
 
-    A forward hook on every decoder layer adds ``1 / layers`` of a unit per pass over more than one token, so a
-    bar over units moves (and estimates the time left) while a long window runs; decoding steps (one token) are
-    not counted. ``bar`` is what :func:`progress_bar` returns.
+    A forward hook on every decoder layer adds ``tokens / (unit_tokens * layers)`` of a unit per pass over more than
+    one token, so a bar over units moves (and estimates the time left) while a long window runs, and a prefill read
+    in chunks (H2O's steps) counts as one unit in all; decoding steps (one token) are not counted. ``unit_tokens``
+    (None: every pass is a whole unit) is the length of one unit, set with :meth:`set_unit_tokens` when it changes
+    (each passkey length). ``bar`` is what :func:`progress_bar` returns.
     """
 
-    def __init__(self, bar, layers):
-        self.bar, self.layers = bar, len(layers)
+    def __init__(self, bar, layers, unit_tokens: int | None = None):
+        self.bar, self.layers, self.unit_tokens = bar, len(layers), unit_tokens
         self.handles = [layer.register_forward_hook(self._on_forward) for layer in layers]
+
+    def set_unit_tokens(self, n: int | None) -> None:
+        self.unit_tokens = n
 
     def _on_forward(self, _module, _args, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         if getattr(out, "dim", lambda: 0)() >= 2 and out.shape[1] > 1:
-            self.bar.update(1.0 / self.layers)
+            share = 1.0 if self.unit_tokens is None else min(1.0, out.shape[1] / self.unit_tokens)
+            self.bar.update(share / self.layers)
 
     def close(self) -> None:
         for handle in self.handles:

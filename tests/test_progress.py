@@ -47,6 +47,22 @@ def test_short_steps_print_nothing():
     assert out.getvalue() == ""
 
 
+def test_layer_progress_counts_a_chunked_prefill_as_one_unit():
+    """A window read in chunks (H2O's steps of 8 tokens here) advances by the tokens read, not by the passes."""
+    model, out = tiny_model(2).eval(), io.StringIO()
+    bar = LineProgress(1, "ppl at 32", "windows", interval=3600, stream=out)
+    ticker = LayerProgress(bar, model.model.layers, unit_tokens=32)
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=torch.randint(0, 256, (1, 8)))
+    assert abs(bar.n - 0.75) < 1e-9
+    ticker.set_unit_tokens(16)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 4)))
+    ticker.close()
+    assert abs(bar.n - 1.0) < 1e-9
+
+
 def test_layer_progress_advances_per_prefill_layer_and_ignores_decoding():
     model, clock, out = tiny_model(4).eval(), itertools.count(), io.StringIO()
     bar = LineProgress(2, "ppl at 32", "windows", interval=1, stream=out, clock=lambda: float(next(clock)))

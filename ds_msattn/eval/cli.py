@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
                               seed=args.seed, max_new_tokens=args.max_new_tokens,
-                              prepare=lambda n: prepare_length(model, spec, n), log=log, haystack=args.haystack,
+                              prepare=lambda n: (ticker.set_unit_tokens(n), prepare_length(model, spec, n)),
+                              log=log, haystack=args.haystack,
                               diagnose=args.diagnose, trials_file=args.trials_file)
         finally:
             ticker.close()
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_length(model, spec, ctx)
             ids_list = [ids for _, ids in docs]
             ticker = LayerProgress(progress_bar(count_windows(ids_list, ctx, args.stride, args.max_windows),
-                                                f"ppl at {ctx}", "windows"), layers)
+                                                f"ppl at {ctx}", "windows"), layers, unit_tokens=ctx)
             try:
                 row = perplexity(model, ids_list, ctx, args.stride, args.max_windows, log=log)
             finally:
