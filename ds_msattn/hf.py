@@ -64,15 +64,20 @@ def set_attention_override(fn: Callable | None) -> None:
     _override = fn
 
 
+def config_section(config, name: str, defaults: dict) -> dict:
+    """``config.<name>`` (a dict, or absent) merged over ``defaults``; a non-dict or unknown keys raise ValueError."""
+    given = getattr(config, name, None) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"config.{name} must be a dict, got {type(given).__name__}")
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(f"config.{name} has unknown keys {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 def ms_attention_params(config) -> dict:
     """``config.ms_attention`` merged over :data:`DEFAULT_MS_ATTENTION`; unknown keys raise ValueError."""
-    given = getattr(config, "ms_attention", None) or {}
-    if not isinstance(given, dict):
-        raise ValueError(f"config.ms_attention must be a dict, got {type(given).__name__}")
-    unknown = set(given) - set(DEFAULT_MS_ATTENTION)
-    if unknown:
-        raise ValueError(f"config.ms_attention has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_MS_ATTENTION)}")
-    params = {**DEFAULT_MS_ATTENTION, **given}
+    params = config_section(config, "ms_attention", DEFAULT_MS_ATTENTION)
     make_options(**{key: params[key] for key in OPTION_KEYS})  # ValueError naming a bad option key
     return params
 

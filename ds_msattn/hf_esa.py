@@ -29,13 +29,9 @@ DEFAULT_ESA_ATTENTION = {**DEFAULT_ESA, "projections": None, "rank": None}
 
 def esa_attention_params(config) -> dict:
     """``config.esa_attention`` over :data:`DEFAULT_ESA_ATTENTION`; bad keys or values raise ValueError naming them."""
-    given = getattr(config, "esa_attention", None) or {}
-    if not isinstance(given, dict):
-        raise ValueError(f"config.esa_attention must be a dict, got {type(given).__name__}")
-    unknown = set(given) - set(DEFAULT_ESA_ATTENTION)
-    if unknown:
-        raise ValueError(f"config.esa_attention has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_ESA_ATTENTION)}")
-    params = {**DEFAULT_ESA_ATTENTION, **given}
+    from .hf import config_section  # hf imports this module last, to register it
+
+    params = config_section(config, "esa_attention", DEFAULT_ESA_ATTENTION)
     try:
         make_params(**{key: params[key] for key in DEFAULT_ESA})
         rank = params["rank"]
