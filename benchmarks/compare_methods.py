@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -113,12 +112,7 @@ def run(args) -> None:
 
 def report() -> None:
     trials = er._load_trials()
-    ppl = {}
-    for path in sorted(er.RUNS.glob("ppl_*.json")):
-        rep = json.loads(path.read_text())
-        row = path.stem[len("ppl_"):].rsplit("_", 1)[0]
-        for r in rep["results"]:
-            ppl.setdefault(row, {})[r["context"]] = r
+    ppl = er._load_ppl()
     rows = []
     for row in ROWS:
         rec = {"row": row, "label": er.ROWS[row][0]}

@@ -153,13 +153,14 @@ def run_ppl(args) -> None:
     report()
 
 
-def _load_ppl() -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
+def _load_ppl() -> dict[str, dict[int, dict]]:
+    """row -> context -> that window's result record (ppl, windows, seconds) from the ppl_*.json files."""
+    out: dict[str, dict[int, dict]] = {}
     for path in sorted(RUNS.glob("ppl_*.json")):
         rep = json.loads(path.read_text())
         row = path.stem[len("ppl_"):].rsplit("_", 1)[0]
         for r in rep["results"]:
-            out.setdefault(row, {})[r["context"]] = (r["ppl"], r["windows"])
+            out.setdefault(row, {})[r["context"]] = r
     return out
 
 
@@ -216,8 +217,8 @@ def report() -> None:
         for r in _row_keys(ppl):
             if r in ppl:
                 lines.append(f"| {_label(r)} | " + " | ".join(
-                    f"{ppl[r][c][0]:.2f} ({ppl[r][c][1]}w)" if c in ppl[r] else "" for c in contexts) + " |")
-                table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c][0] for c in ppl[r]}
+                    f"{ppl[r][c]['ppl']:.2f} ({ppl[r][c]['windows']}w)" if c in ppl[r] else "" for c in contexts) + " |")
+                table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c]["ppl"] for c in ppl[r]}
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items()
                                 if r in table or TUNED + r in table]
