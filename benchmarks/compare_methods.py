@@ -7,6 +7,7 @@ missing cells (``run``), and gathers them with the attention cost into ``benchma
 png}`` (``report``).
 
     python benchmarks/compare_methods.py run --rows h2o --passkey 8192,16384,32768 --ppl 4096,16384,32768
+    python benchmarks/compare_methods.py finetune   # S2-Attn, SF-Attn and MS: the same short fine-tune, then ppl
     python benchmarks/compare_methods.py report
 
 Rows (without fine-tuning):
@@ -46,6 +47,17 @@ ESA_TOKENS, ESA_RANK = 16384, 32
 PASSKEY = [8192, 16384, 32768]
 PPL = [4096, 16384, 32768]
 COST_T = 16384
+#: the comparison fine-tune: tag (eval_retrieval.TAGS) -> (attention it trains with, row it is evaluated as)
+FINETUNE = {"fts2": ("s2_attention", "dense_own"), "ftsf": ("sf_attention", "dense_own"),
+            "ftms": ("ms_attention", "compact_pf")}
+FT_LABELS = {"fts2": "S2-Attn after the comparison fine-tune (dense attention at inference)",
+             "ftsf": "SF-Attn after the comparison fine-tune (dense attention at inference)",
+             "ftms": "MS compact + position_free after the comparison fine-tune"}
+FT_RECIPE = "ds_configs/recipes/smollm2_16k.yaml"
+#: the same steps, data and positions for every method: the main job's recipe at 8K-token sequences (the native
+#: context; CRD-NTK still places them over the recipe's 32K cycle), two optimizer steps, 2 ranks as the main job
+FT_OVERRIDES = ["--data.seq_len=8192", "--train.max_steps=2", "--resume=auto"]
+FT_RUNS = "runs/compare_ft"
 
 
 def _opt(args: list[str], flag: str, default):
@@ -110,19 +122,48 @@ def run(args) -> None:
     report()
 
 
+def finetune(args) -> None:
+    """Train each method with the same short recipe (2 DeepSpeed ranks), then its perplexity on the held-out works."""
+    import os
+    import subprocess
+
+    root = ROOT.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    for tag in args.methods:
+        impl, row = FINETUNE[tag]
+        out = root / FT_RUNS / tag
+        if not (out / "merged" / "config.json").exists():
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--quiet", "--num_gpus", "2", "--master_port",
+                   str(args.master_port), "--module", "ds_msattn.train", "--config", FT_RECIPE, f"--output_dir={out}",
+                   f"--attention.implementation={impl}", *FT_OVERRIDES]
+            print("== " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=root, env=env, check=True)
+        if args.ppl:
+            er.main(["--rows", row, "--fine-tuned", str(out / "merged"), "--tag", tag,
+                     "--ppl-contexts", ",".join(map(str, args.ppl))])
+    report()
+
+
+def _table_rows() -> list[str]:
+    """Row keys of the table: the base rows, then the fine-tuned ones."""
+    return ROWS + [f"{tag}-{row}" for tag, (_, row) in FINETUNE.items()]
+
+
 def report() -> None:
     trials = er._load_trials()
     ppl = er._load_ppl()
     rows = []
-    for row in ROWS:
-        rec = {"row": row, "label": er.ROWS[row][0]}
+    for row in _table_rows():
+        tag, base = er._split_key(row)
+        rec = {"row": row, "label": FT_LABELS[tag] if tag else er.ROWS[row][0]}
         for n in PPL:
             r = ppl.get(row, {}).get(n)
             rec[f"ppl_{n // 1024}k"] = round(r["ppl"], 2) if r else None
         for n in PASSKEY:
             recs = [t for t in trials.get((row, "filler"), []) if t["length"] == n]
             rec[f"passkey_{n // 1024}k"] = f"{sum(t['passed'] for t in recs)}/{len(recs)}" if recs else None
-        rec[f"keys_per_query_{COST_T // 1024}k"] = round(keys_per_query(row, COST_T))
+        rec[f"keys_per_query_{COST_T // 1024}k"] = round(keys_per_query(base, COST_T))
         r = ppl.get(row, {}).get(COST_T)
         rec[f"forward_{COST_T // 1024}k_s"] = r["seconds"] if r else None
         rows.append(rec)
@@ -143,8 +184,13 @@ def report() -> None:
     for r in rows:
         lines.append(f"| {r['label']} | " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
     lines += ["", "S2-Attn and SF-Attn run dense attention at inference (as LongLoRA and SinkLoRA evaluate): without",
-              "their fine-tune they are the dense row; their rows after the same short fine-tune are not measured yet.",
-              "", "Rows: " + "; ".join(f"`{r}`: `{' '.join(er.ROWS[r][1])}`" for r in ROWS)]
+              "their fine-tune they are the dense row. The rows marked \"after the comparison fine-tune\" are one",
+              f"short fine-tune per method with everything else equal (`python benchmarks/compare_methods.py finetune`):",
+              f"`{FT_RECIPE}` with `{' '.join(FT_OVERRIDES[:2])}` (same data order, CRD-NTK positions, reduced LoRA,",
+              "ZeRO-3 offload, 2 DeepSpeed ranks), only `attention.implementation` changed; each merged model is",
+              "then evaluated as its method intends (S2/SF: dense attention with the trained RoPE; MS: the default",
+              "MS attention). Empty rows: not run yet.",
+              "", "Rows: " + "; ".join(f"`{r}`: `{' '.join(er.ROWS[r][1])}`" for r in ROWS + ["dense_own"])]
     (RESULTS / "compare_methods.md").write_text("\n".join(lines) + "\n")
     _plot(rows)
     print("\n".join(lines))
@@ -178,9 +224,17 @@ def main(argv=None) -> int:
     r.add_argument("--passkey", type=er._ints, default=PASSKEY)
     r.add_argument("--ppl", type=er._ints, default=PPL)
     r.add_argument("--haystacks", default="filler")
+    f = sub.add_parser("finetune", help="the same short fine-tune per method, then its perplexity, then report")
+    f.add_argument("--methods", type=lambda s: s.split(","), default=list(FINETUNE), help=",".join(FINETUNE))
+    f.add_argument("--ppl", type=er._ints, default=PPL)
+    f.add_argument("--master-port", type=int, default=29541)
     sub.add_parser("report", help="rebuild the table from the trial files")
     args = p.parse_args(argv)
-    run(args) if args.cmd == "run" else report()
+    if args.cmd == "finetune":
+        unknown = [m for m in args.methods if m not in FINETUNE]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(FINETUNE)}")
+    {"run": run, "finetune": finetune}.get(args.cmd, lambda _: report())(args)
     return 0
 
 

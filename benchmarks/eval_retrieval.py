@@ -12,7 +12,7 @@ writes benchmarks/results/eval_retrieval.md, .json and a heatmap .png (length x 
     python benchmarks/eval_retrieval.py --rows compact_pf --fine-tuned runs/main_job/merged --lengths 16384,32768
 
 ``--fine-tuned DIR`` runs the rows on a fine-tuned model (e.g. the main job's merged export) instead of the base
-model; its trial files and rows are named ``tuned-<row>``.
+model; its trial files and rows are named ``TAG-<row>`` (``--tag``, default ``tuned``; the tags are in ``TAGS``).
 
 Heavy: on 2 CPU cores a 32K MS trial takes minutes (dense attention several times more); run one such job at a
 time on an otherwise idle machine.
@@ -40,6 +40,8 @@ def _ms(far="exact", score="rope", per="head", *more):
 #: scores, CRD-NTK alpha 4 per length); "dense_dynamic" the baseline users would pick.
 ROWS = {
     "dense_dynamic": ("dense + dynamic NTK (factor 4)", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
+    "dense_own": ("dense attention, the model's own RoPE (how S2-Attn and SF-Attn models are evaluated)",
+                  ["--attn", "sdpa"]),
     "today": ("MS exact, rope scores, CRD-NTK alpha 4 (today)", _ms("exact", "rope", "head", "--rope", "crd-ntk",
                                                                     "--rope-factor", "4")),
     "exact_plain": ("MS exact, rope scores, plain RoPE", _ms()),
@@ -76,29 +78,41 @@ def _floats(text):
     return [float(x) for x in text.split(",") if x]
 
 
-TUNED = "tuned-"
+#: fine-tuned models (``--fine-tuned DIR --tag TAG``): TAG -> how the model was trained. Their rows are keyed
+#: ``TAG-<row>`` (tags have no "-").
+TAGS = {
+    "tuned": "fine-tuned (main job's merged model)",
+    "fts2": "after the comparison fine-tune with S2-Attn (compare_methods.py finetune)",
+    "ftsf": "after the comparison fine-tune with SF-Attn (compare_methods.py finetune)",
+    "ftms": "after the comparison fine-tune with MS attention (compare_methods.py finetune)",
+}
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    """``row`` -> (None, row); ``TAG-row`` -> (TAG, row)."""
+    tag, sep, row = key.partition("-")
+    return (tag, row) if sep else (None, key)
 
 
 def _label(key: str) -> str:
-    """The report's label of a row key (``row`` or ``tuned-row``)."""
-    if key.startswith(TUNED):
-        return "fine-tuned (main job's merged model): " + ROWS[key[len(TUNED):]][0]
-    return ROWS[key][0]
+    """The report's label of a row key (``row`` or ``TAG-row``)."""
+    tag, row = _split_key(key)
+    return f"{TAGS[tag]}: {ROWS[row][0]}" if tag else ROWS[row][0]
 
 
 def _row_key(row: str, args) -> str:
-    """The key a run's files are named by: the row, ``tuned-<row>`` on a fine-tuned model."""
-    return f"{TUNED}{row}" if args.fine_tuned else row
+    """The key a run's files are named by: the row, ``TAG-<row>`` on a fine-tuned model."""
+    return f"{args.tag}-{row}" if args.fine_tuned else row
 
 
 def _row_keys(present) -> list[str]:
-    """Row keys in ROWS order, each base row followed by its fine-tuned run."""
-    return [k for r in ROWS for k in (r, TUNED + r) if k in present]
+    """Row keys in ROWS order, each base row followed by its fine-tuned runs (in TAGS order)."""
+    return [k for r in ROWS for k in (r, *(f"{t}-{r}" for t in TAGS)) if k in present]
 
 
 def _record_command() -> None:
     with open(RUNS / "commands.txt", "a") as f:
-        f.write("python benchmarks/eval_retrieval.py " + shlex.join(sys.argv[1:]) + "\n")
+        f.write(f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]) + "\n")
 
 
 def run(args) -> None:
@@ -221,7 +235,7 @@ def report() -> None:
                 table.setdefault(r, {})["ppl"] = {str(c): ppl[r][c]["ppl"] for c in ppl[r]}
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items()
-                                if r in table or TUNED + r in table]
+                                if any(_split_key(k)[1] == r for k in table)]
     lines += ["", "## Every trial", "", "| row | haystack | length | depth | key | generated | passed | needle (prefill) | s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (r, haystack), recs in sorted(trials.items()):
@@ -279,7 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fine-tuned", default=None, metavar="DIR",
-                   help="run the rows on this fine-tuned model directory (rows named tuned-<row>)")
+                   help="run the rows on this fine-tuned model directory (rows named TAG-<row>)")
+    p.add_argument("--tag", default="tuned", choices=sorted(TAGS), help="how the --fine-tuned model was trained")
     p.add_argument("--ppl-contexts", type=_ints, default=None,
                    help="instead of passkey: perplexity at these contexts on the held-out works, e.g. 4096,32768")
     p.add_argument("--ppl-windows", type=int, default=1, help="windows per context (perplexity)")
