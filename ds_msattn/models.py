@@ -129,37 +129,82 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return tiny_config("llama", **overrides)
 
 
+#: elements per block of random draws in init_weights_seeded (fp32 scratch: 16 MiB)
+SEED_BLOCK_ELEMS = 2**22
+
+
+def _seeded_chunks(shape: torch.Size, std: float, gen: torch.Generator):
+    """The draws of one matrix, in order: blocks of whole rows, at most SEED_BLOCK_ELEMS each (or one row), flat."""
+    row = 1
+    for n in shape[1:]:
+        row *= n
+    rows = max(1, SEED_BLOCK_ELEMS // max(1, row))
+    for first in range(0, shape[0], rows):
+        n = min(rows, shape[0] - first)
+        yield torch.empty((n, *shape[1:]), dtype=torch.float32).normal_(0.0, std, generator=gen).view(-1)
+
+
+def _fill_partition(param: torch.nn.Parameter, vector: bool, std: float, gen: torch.Generator) -> None:
+    """Write this rank's ZeRO-3 partition of ``param`` (its flat slice, DeepSpeed's layout) without gathering it."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor  # [partition] flat, padded past ds_numel on the last ranks
+    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    end = min(start + part.numel(), param.ds_numel)
+    if start >= end:
+        return
+    if vector:
+        part[: end - start].fill_(1.0)
+        return
+    offset = 0
+    for flat in _seeded_chunks(param.ds_shape, std, gen):
+        lo, hi = max(start, offset), min(end, offset + flat.numel())
+        if lo < hi:
+            part[lo - start : hi - start].copy_(flat[lo - offset : hi - offset])
+        offset += flat.numel()
+        if offset >= end:
+            break  # later draws belong to later ranks
+
+
+def _partition_writable(param: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 parameter held only as this rank's flat partition (not gathered, no secondary copy)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return (param.ds_status == ZeroParamStatus.NOT_AVAILABLE and getattr(param, "ds_tensor", None) is not None
+            and getattr(param, "ds_secondary_tensor", None) is None)
+
+
 def init_weights_seeded(model: torch.nn.Module, seed: int) -> None:
     """Random init that does not depend on how the model was built: each parameter from its own generator.
 
     Vectors (norm weights) are ones, matrices normal(0, ``config.initializer_range``), each drawn from a generator
-    seeded by (seed, parameter name). A model built inside ``deepspeed.zero.Init`` (each module gathered in turn,
-    filled on rank 0 and re-partitioned) therefore gets exactly the weights of a plain build, on any world size.
+    seeded by (seed, parameter name) in row blocks of 16 MiB. A model built inside ``deepspeed.zero.Init`` gets
+    exactly the weights of a plain build, on any world size: every rank draws the same blocks in order and keeps
+    the part that falls in its own partition, so no rank ever holds a full parameter (gathering the largest
+    module for its fill would put two full copies of it next to the partitions).
     """
-    import torch.distributed as dist
-
     std = float(getattr(model.config, "initializer_range", 0.02))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = [pair for prefix, module in model.named_modules()  # a tied parameter is filled once per owner, as always
+           for pair in module.named_parameters(prefix=prefix, recurse=False)]
     with torch.no_grad():
-        for prefix, module in model.named_modules():
-            own = list(module.named_parameters(prefix=prefix, recurse=False))
-            if not own:
-                continue
-            zero = [p for _, p in own if hasattr(p, "ds_id")]
-            if zero:
+        for name, param in own:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            vector = param.dim() < 2 if not hasattr(param, "ds_id") else len(param.ds_shape) < 2
+            if hasattr(param, "ds_id"):
+                if _partition_writable(param):
+                    _fill_partition(param, vector, std, gen)
+                    continue
                 import deepspeed
 
-                gathered = deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
+                gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
             else:
                 gathered = contextlib.nullcontext()
             with gathered:
-                if zero and rank != 0:
+                if vector:
+                    param.fill_(1.0)
                     continue
-                for name, param in own:
-                    if param.dim() < 2:
-                        param.fill_(1.0)
-                        continue
-                    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                    rows = max(1, 2**22 // max(1, param[0].numel()))  # bounded fp32 scratch: 16 MiB at a time
-                    for chunk in param.split(rows):
-                        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+                offset = 0
+                flat_param = param.view(-1)
+                for flat in _seeded_chunks(param.shape, std, gen):
+                    flat_param[offset : offset + flat.numel()].copy_(flat)
+                    offset += flat.numel()

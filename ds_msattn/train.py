@@ -105,32 +105,34 @@ def build_model(cfg: RunConfig, ds_config: dict | None = None) -> torch.nn.Modul
     """The causal LM with the configured attention implementation and `config.ms_attention` set.
 
     With a ZeRO-3 `ds_config` (and `parallel.zero_init`) the model is built inside `deepspeed.zero.Init`: every
-    module is partitioned over the ranks as soon as it exists, so no rank holds the whole model (a tiny model's
-    random init is gathered module by module and filled on rank 0; `from_pretrained` scatters each tensor).
+    module is partitioned over the ranks as soon as it exists, so no rank holds the whole model (a tiny model is
+    built empty and each rank fills its own partitions of the seeded random init; `from_pretrained` scatters each
+    tensor).
     """
-    from .parallel.zero import partitioned_loading
+    from .parallel.zero import partitioned_empty_build, partitioned_loading
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     impl = cfg.attention.implementation
     ms = cfg.attention.ms_attention_dict()
     # s2_attention / sf_attention read their parameters from config.shifted_attention (ds_msattn.hf_shifted)
     extra = {"shifted_attention": cfg.attention.shifted.model_dict()} if impl in SHIFTED_IMPLEMENTATIONS else {}
-    with partitioned_loading(ds_config, cfg.parallel.zero_init):
-        if cfg.model.name == "tiny":
-            from transformers import AutoModelForCausalLM
+    if cfg.model.name == "tiny":
+        from transformers import AutoModelForCausalLM
 
-            from .models import init_weights_seeded, tiny_llama_config
+        from .models import init_weights_seeded, tiny_llama_config
 
-            config = tiny_llama_config(**cfg.model.tiny)
-            config.ms_attention = ms
-            for key, value in extra.items():
-                setattr(config, key, value)
+        config = tiny_llama_config(**cfg.model.tiny)
+        config.ms_attention = ms
+        for key, value in extra.items():
+            setattr(config, key, value)
+        with partitioned_empty_build(ds_config, cfg.parallel.zero_init):
             model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
-            # the same weights however the model was built (plain, or partitioned on any world size)
-            init_weights_seeded(model, cfg.model.init_seed)
-        else:
-            from .models import load_model
+        # the same weights however the model was built (plain, or partitioned on any world size)
+        init_weights_seeded(model, cfg.model.init_seed)
+    else:
+        from .models import load_model
 
+        with partitioned_loading(ds_config, cfg.parallel.zero_init):
             model = load_model(cfg.model.name, attn_implementation=impl, ms_attention=ms, dtype=dtype, **extra)
     if getattr(model.config, "attention_dropout", 0.0):
         model.config.attention_dropout = 0.0  # MS attention has no dropout; keeps resumed runs exact

@@ -4,6 +4,8 @@
   DeepSpeed integration (``HfDeepSpeedConfig``) builds it inside ``deepspeed.zero.Init``, so each module's
   parameters are partitioned as soon as the module exists (``from_pretrained`` loads each tensor on rank 0
   and scatters it); no rank ever holds the whole model.
+- :func:`partitioned_empty_build` builds a model that is filled afterwards (random init) inside
+  ``deepspeed.zero.Init`` without transformers' gathered re-initialization.
 - :func:`gathered_state_dict` gathers one module at a time and keeps the full tensors on rank 0 only.
 - :func:`loading_allocator` keeps glibc from holding freed host memory while the model is built and partitioned.
 - :func:`to_universal` converts a ZeRO checkpoint written by N ranks into DeepSpeed's universal format
@@ -73,6 +75,30 @@ def partitioned_loading(ds_config: dict | None, enabled: bool = True):
     finally:
         unset_hf_deepspeed_config()
         del keep
+
+
+@contextlib.contextmanager
+def partitioned_empty_build(ds_config: dict | None, enabled: bool = True):
+    """Build a model to be filled afterwards (random init) partitioned from the start, when ZeRO-3.
+
+    Inside ``deepspeed.zero.Init`` each module is partitioned as soon as it exists, and transformers'
+    ``no_init_weights`` skips its own random init. Through ``HfDeepSpeedConfig`` instead, transformers would
+    re-initialize every module after the build by gathering it (``initialize_weights_zero3``): the largest module
+    full on every rank, twice (the gathered tensor and the all-gather buffer), only to be overwritten by
+    :func:`ds_msattn.models.init_weights_seeded`. Yields whether the build is partitioned.
+    """
+    if not enabled or zero_stage(ds_config) != 3:
+        yield False
+        return
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    try:  # keeps RoPE's arange buffers in their own dtype under zero.Init (what transformers' own zero-3 build does)
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:  # pragma: no cover - older or newer transformers without it
+        prevent_arange_dtype_change = contextlib.nullcontext
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield True
 
 
 def is_partitioned(param: torch.nn.Parameter) -> bool:
