@@ -38,8 +38,9 @@ def test_planner_load_host_memory_agrees_with_the_measurement_within_15_percent(
 
 
 def test_partitioned_load_memory_drops_with_the_world_size():
-    """Above the process runtime, a rank's load peak is its 1/world share plus a fixed transient (two copies of the
-    largest module: the module being built next to its new partition), so it falls with the world size."""
+    """Above the process runtime, a rank's peak after the build is its 1/world share plus a small fixed part (the
+    module being built, never gathered: the random init fills each rank's own partition), so it falls by about the
+    world size (at least 0.8x of it)."""
     rows = _rows()
     full = [float(r["peak_model_mib"]) - float(r["peak_start_mib"]) for r in rows if r["zero_init"] == "False"]
     part = {int(r["world"]): max(float(r["peak_model_mib"]) - float(r["peak_start_mib"])
@@ -48,5 +49,5 @@ def test_partitioned_load_memory_drops_with_the_world_size():
     params_mib = 4 * int(rows[0]["params"]) / 2**20
     for world, held in part.items():
         transient = held - params_mib / world
-        assert 0 < transient < 0.15 * params_mib, (world, held)  # the fixed part: a module, not a model
-    assert min(full) / part[4] > 2.4 and min(full) / part[2] > 1.5
+        assert 0 < transient < 0.06 * params_mib, (world, held)  # the fixed part: under one module
+    assert min(full) / part[4] > 0.8 * 4 and min(full) / part[2] > 0.8 * 2
