@@ -251,9 +251,8 @@ def load_host_bytes(cfg: PlanConfig, zero: int, world: int) -> float:
       largest module: the module being built (or a checkpoint tensor scattered from rank 0) next to its new
       partition, and peft's full ``modules_to_save`` copy of the embedding (measured: 250 MiB at build, 258 more
       after peft, for a 250 MiB embedding); the engine then allocates, for its share of the trainable
-      parameters, the flat
-      parameter partition, the fp32 master, the fp32 gradient partition and one more flat buffer (16 bytes per
-      trainable parameter / world, measured: 4.0 x 4 bytes).
+      parameters, the flat parameter partition, the fp32 master, the fp32 gradient partition and one more flat
+      buffer (16 bytes per trainable parameter / world, measured: 4.0 x 4 bytes).
     - otherwise each process holds a full copy, and peft's ``modules_to_save`` copies (embeddings, norms) are
       full as well until the engine partitions them; the engine's buffers then reuse the memory freed by
       partitioning the full copy (measured: 4 bytes per trainable parameter / world remain).
