@@ -459,7 +459,7 @@ def train(cfg: RunConfig) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapper, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor), config=ds_config, **init_kwargs)
-    loading_allocator(False)
+    loading_allocator(False, cfg.train.host_mmap_threshold_mib)
     device = engine.device
     # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing;
     # train mode changes nothing else here (no dropout: attention_dropout is 0, LoRA dropout defaults to 0)

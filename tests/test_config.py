@@ -46,6 +46,7 @@ def test_overrides_are_parsed_and_typed(tmp_path):
     pytest.param("--checkpoint.keep_last=0", "checkpoint.keep_last", id="keep_last"),
     pytest.param("--train.not_a_key=1", "train.not_a_key", id="unknown"),
     pytest.param("--model.dtype=float16", "model.dtype", id="dtype"),
+    pytest.param("--train.host_mmap_threshold_mib=64", "train.host_mmap_threshold_mib", id="mmap>32"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -69,3 +70,14 @@ def test_recipes_load_and_validate(recipe):
 
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_training_allocator_threshold_is_what_glibc_gets(monkeypatch):
+    """train.host_mmap_threshold_mib reaches mallopt: M_MMAP_THRESHOLD, then M_TRIM_THRESHOLD twice it."""
+    from ds_msattn.parallel import zero
+
+    calls = []
+    monkeypatch.setattr(zero, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(zero.ctypes, "CDLL", lambda name: type("libc", (), {"malloc_trim": staticmethod(lambda n: 0)}))
+    zero.loading_allocator(False, load_config(None, ["--train.host_mmap_threshold_mib=4"]).train.host_mmap_threshold_mib)
+    assert calls == [(zero.M_MMAP_THRESHOLD, 4 << 20), (zero.M_TRIM_THRESHOLD, 8 << 20)]

@@ -36,20 +36,22 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
-def loading_allocator(loading: bool) -> None:
+def loading_allocator(loading: bool, train_threshold_mib: int = 32) -> None:
     """Host allocator settings for loading (True) and for training afterwards (False).
 
     Partitioning allocates each full parameter, copies its 1/world share and frees it. glibc's dynamic mmap
     threshold (raised to 32 MiB by the first large free) sends the later 2-32 MiB tensors to the heap, whose
     holes stay resident: measured on 2 ranks with a 0.37B model, a rank's peak was 3.2-3.5 GiB instead of 2.3.
     While loading, blocks of 1 MiB and more are mapped (freed straight back to the system); afterwards the
-    threshold is the one glibc's dynamic rule ends at (32 MiB, trim at 64 MiB) and freed memory is trimmed.
+    threshold is ``train_threshold_mib`` (``train.host_mmap_threshold_mib``; 32 is where glibc's dynamic rule
+    ends: fewer page faults than mapping every mid-size tensor), the trim threshold twice it, and freed memory
+    is trimmed.
     """
     if loading:
         _mallopt(M_MMAP_THRESHOLD, 1 << 20)
         return
-    if _mallopt(M_MMAP_THRESHOLD, 32 << 20):
-        _mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    if _mallopt(M_MMAP_THRESHOLD, train_threshold_mib << 20):
+        _mallopt(M_TRIM_THRESHOLD, 2 * train_threshold_mib << 20)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
