@@ -5,6 +5,8 @@ and the model-level runner equals the transformers model under attn_implementati
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -113,6 +115,34 @@ def test_store_is_exact_state_bounded_and_memory_map_changes_nothing(options):
     # The search reads far regions: the output differs from one where every region is a candidate.
     everything, _ = _stream(RecursiveConfig(**{**base, "window_regions": 10**4}), q, k, v, 16, inv_freq=INV_FREQ)
     assert not torch.allclose(ram, everything)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_store_reads_leave_no_page_resident(tmp_path):
+    """Streaming through a store on disk: right after every read (k, v, summaries) no page of the store's files is
+    resident in this process, so the resident set does not grow with the regions a chunk reads, i.e. with the
+    history (memory-mapped reads kept each chunk's pages resident until its end); the output is unchanged."""
+    from test_stream_store import _resident_kib
+
+    from ds_msattn.eval.recursive import make_store
+
+    base = dict(region_size=4, top_k=6, merge=2, sink_regions=1, chunk=16, window_regions=4, scales=(1, 2, 8), beam=2,
+                **PAPER)
+    q, k, v = _qkv(1, 2, 1, 480, 8, seed=2)
+    cfg = RecursiveConfig(**base, store_memory_gib=0, store_segment_mib=0.003, store_dir=str(tmp_path))
+    store = make_store(cfg, layers=1, batch=1, kv_heads=1, head_dim=8, value_dim=8, dtype=torch.float32)
+    resident, reads = [], []
+    for name, arr in store.arrays.items():
+        def read(layer, ids, _read=arr.read):
+            out = _read(layer, ids)
+            reads.append(len(ids))
+            resident.append(_resident_kib(store.dir))
+            return out
+        arr.read = read
+    got, _ = _stream(cfg, q, k, v, 16, inv_freq=INV_FREQ, store=store)
+    want, _ = _stream(RecursiveConfig(**base, store_memory_gib=1), q, k, v, 16, inv_freq=INV_FREQ)
+    assert torch.equal(got, want) and store.disk_bytes > 0 and sum(reads) > 1000
+    assert max(resident) == 0
 
 
 def test_bad_config():

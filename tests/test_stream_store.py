@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,3 +62,35 @@ def test_bad_set_ups(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="needs .* GiB on disk .* --store-dtype"):
         _store(tmp_path, 0, planned_rows={"k": 1000, "kbar0": 1000})
     _store(tmp_path, 1 << 30, planned_rows={"k": 1000, "kbar0": 1000})  # fits in memory: no disk needed
+
+
+def _resident_kib(directory) -> int:
+    """Resident KiB of this process's mappings of files under ``directory`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    prefix = str(directory)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping: range perms offset dev inode [path]
+                inside = len(head) >= 6 and head[5].startswith(prefix)
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_reads_leave_no_store_page_resident(tmp_path):
+    """Rows written to and read back from file segments count in no mapping of this process: the resident set
+    does not grow with the rows read (memory-mapped segments kept every page read resident until released)."""
+    st = _store(tmp_path, 0)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 300, 1, 2, 4, 8, generator=g)
+    for layer in range(3):
+        st["k"].write(layer, 0, rows[layer])
+        st["kbar0"].write(layer, 0, rows[layer, :, :, :, 0])
+    ids = torch.arange(0, 300, 2)
+    for layer in range(3):
+        assert torch.equal(st["k"].read(layer, ids), rows[layer, ids])
+        assert torch.equal(st["kbar0"].read(layer, ids), rows[layer, ids, :, :, 0])
+    assert st.disk_bytes > 0 and _resident_kib(st.dir) == 0
+    st.close()

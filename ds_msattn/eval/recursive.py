@@ -3,7 +3,7 @@
 DESIGN.md, "Long inputs at inference (streaming mode)". For region size c, merge m, top_k K, sinks s, per layer:
 
 - every complete region's exact k and v (after RoPE) go to a :class:`~ds_msattn.eval.store.RegionStore` (host
-  memory up to a budget, then memory-mapped files), with the region summaries: ``kbar`` (level 0, one per region)
+  memory up to a budget, then files read with ``preadv``), with the region summaries: ``kbar`` (level 0, one per region)
   and coarser means over ``scales[l]`` regions (levels 1..; complete groups only). Summaries are means of the
   rotated keys (``score="rope"``) or of the keys with their rotation undone (``score="position_free"``).
 - a query block b (history ``H = b*m`` regions) attends, with one softmax, to its own tokens causally and to the
@@ -78,7 +78,7 @@ class RecursiveConfig:
     store_dtype: str | None = None
     """float32 | float16 | bfloat16 for the stored k and v (default: the model's dtype)"""
     store_memory_gib: float = 4.0
-    """host memory of the store; beyond it, memory-mapped files under store_dir"""
+    """host memory of the store; beyond it, files under store_dir (read with preadv, never mapped)"""
     store_dir: str | None = None
     """directory for the store's files (a temporary sub-directory is made and removed at the end)"""
     keep_store: bool = False
@@ -170,7 +170,6 @@ class LayerState:
         self.cfg, self.scale, self.layer = cfg, scale, layer
         self.inv_freq = None if inv_freq is None else inv_freq.float()
         self.store = store
-        self.own_store = store is None
         self.pending_k = self.pending_v = None  # tokens of the incomplete block
         self.tokens = 0  # tokens seen (the next token's position)
         self.regions = 0  # complete regions in the store
@@ -356,8 +355,6 @@ class LayerState:
         if full < L:  # the last, partial block stays pending for decoding
             self.pending_k, self.pending_v = k[:, :, full:].clone(), v[:, :, full:].clone()
         self.tokens += L
-        if self.own_store:
-            self.store.release()
         return torch.cat(outs, 2)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -376,8 +373,6 @@ class LayerState:
         if self.pending_k.shape[2] == mc:
             self._append(self.pending_k, self.pending_v, self.tokens - mc)
             self.pending_k = self.pending_v = None
-        if self.own_store:
-            self.store.release()
         return out
 
     def state_elements(self) -> int:
@@ -452,7 +447,6 @@ class RecursiveRunner:
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.position += L
-        self.store.release()
         return inner.norm(x)
 
     @torch.no_grad()

@@ -1,21 +1,25 @@
 """Region store of the streaming runner: every region's exact k and v per layer, appended as the input streams.
 
 DESIGN.md, "Long inputs at inference (streaming mode)". Arrays are indexed by region id (rows) and hold every
-layer side by side (``[rows, layers, *row_shape]``), so a chunk appends rows once and each layer writes its
-slice. Rows live in fixed-size segments: in host memory while the budget (``memory_bytes``) lasts, then in
-memory-mapped files under a directory (a temporary one by default, removed on :meth:`RegionStore.close` or at
-exit unless ``keep``). Disk space of each file is reserved when it is created (``posix_fallocate``), so a full
-disk is an error, never a crash on a write; the planned size is checked before the first row.
+layer (``[rows, layers, *row_shape]``), so a chunk appends rows once and each layer writes its slice. Rows live
+in fixed-size segments: in host memory while the budget (``memory_bytes``) lasts, then in files under a
+directory (a temporary one by default, removed on :meth:`RegionStore.close` or at exit unless ``keep``). Disk
+space of each file is reserved when it is created (``posix_fallocate``), so a full disk is an error, never a
+crash on a write; the planned size is checked before the first row.
 
-Reads take a sorted set of row ids (one gather of whole regions per chunk and layer); :meth:`release` drops the
-pages a chunk touched from this process's mappings (they stay in the page cache), so the resident set is
-bounded by the chunk, not by the store.
+Files are read and written with ``preadv``/``pwrite`` into the caller's tensors, never memory-mapped: a mapped
+page that was read counts in the process's resident set until it is unmapped (with the kernel's fault-around,
+neighbouring rows and other layers' slices too), so the resident set grew with the regions a chunk reads over all
+layers, i.e. with the history (measured: +100 MiB per 4K tokens of history with 30 layers). Read through the
+page cache, the data is resident only in the tensors asked for. Inside a file a segment is layer-major
+(``[layers, seg_rows, *row_shape]``), so a run of consecutive rows of one layer is one system call.
+
+Reads take a sorted set of row ids; each run of consecutive ids inside a segment is one copy or one ``preadv``.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import shutil
 import tempfile
@@ -54,8 +58,10 @@ class _Array:
         self.inner = (layers, *row_shape)
         self.row_bytes = math.prod(self.inner) * torch.empty((), dtype=dtype).element_size()
         self.seg_rows = max(1, store.segment_bytes // self.row_bytes)
-        self.segments: list[torch.Tensor] = []  # [seg_rows, layers, *row_shape] each
-        self.maps: list[mmap.mmap | None] = []
+        self.slice_bytes = self.row_bytes // layers  # one layer's row
+        self.segments: list[torch.Tensor | None] = []  # RAM: [seg_rows, layers, *row_shape]; file: None
+        self.files: list[int | None] = []  # file segments: open descriptor (layer-major rows)
+        weakref.finalize(self, _close_fds, self.files)  # a store dropped without close() keeps no descriptor open
         self.rows = 0
 
     @property
@@ -66,7 +72,7 @@ class _Array:
         st = self.store
         if st.ram_bytes + self.seg_bytes <= st.memory_bytes:
             self.segments.append(torch.empty(self.seg_rows, *self.inner, dtype=self.dtype))
-            self.maps.append(None)
+            self.files.append(None)
             st.ram_bytes += self.seg_bytes
             return
         path = st.directory() / f"{self.name}-{len(self.segments):05d}.bin"
@@ -79,12 +85,8 @@ class _Array:
             raise OSError(e.errno, f"region store: no space for {self.seg_bytes / 2**20:.0f} MiB more under {st.dir} "
                                    f"({e.strerror}): free space, pass --store-dir on a larger disk, a smaller "
                                    f"--store-dtype or a larger --store-memory-gib") from None
-        mm = mmap.mmap(fd, self.seg_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        os.close(fd)  # the mapping keeps the file open
-        arr = np.frombuffer(mm, dtype=_NUMPY[self.dtype]).reshape(self.seg_rows, *self.inner)
-        seg = torch.from_numpy(arr)
-        self.segments.append(seg.view(self.dtype) if self.dtype == torch.bfloat16 else seg)
-        self.maps.append(mm)
+        self.segments.append(None)
+        self.files.append(fd)
         st.disk_bytes += self.seg_bytes
 
     def grow(self, rows: int) -> None:
@@ -93,48 +95,79 @@ class _Array:
             self._new_segment()
         self.rows = max(self.rows, rows)
 
+    def _bytes(self, t: torch.Tensor) -> memoryview:
+        """The bytes of a contiguous CPU tensor of this array's dtype (shares its memory)."""
+        arr = (t.view(torch.int16) if self.dtype == torch.bfloat16 else t).numpy()
+        return memoryview(arr).cast("B")
+
+    def _file_offset(self, layer: int, off: int) -> int:
+        return (layer * self.seg_rows + off) * self.slice_bytes
+
     def write(self, layer: int, start: int, values: torch.Tensor) -> None:
         """Rows ``[start, start + n)`` of ``layer`` := ``values [n, *row_shape]``."""
         n = values.shape[0]
         self.grow(start + n)
-        values = values.detach().to("cpu", self.dtype)
+        values = values.detach().to("cpu", self.dtype).contiguous()
+        buf = None
         done = 0
         while done < n:
             s, off = divmod(start + done, self.seg_rows)
             take = min(n - done, self.seg_rows - off)
-            self.segments[s][off : off + take, layer] = values[done : done + take]
-            self.store.touched.add((self.name, s))
+            if self.files[s] is None:
+                self.segments[s][off : off + take, layer] = values[done : done + take]
+            else:
+                buf = self._bytes(values) if buf is None else buf
+                sb = self.slice_bytes
+                _pwrite_all(self.files[s], buf[done * sb : (done + take) * sb], self._file_offset(layer, off))
             done += take
 
     def read(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (sorted, unique int64, all written) of ``layer`` -> ``[len(ids), *row_shape]``."""
-        out = torch.empty(ids.shape[0], *self.inner[1:], dtype=self.dtype)
-        if ids.numel() == 0:
+        n = ids.shape[0]
+        out = torch.empty(n, *self.inner[1:], dtype=self.dtype)
+        if n == 0:
             return out
-        seg = torch.div(ids, self.seg_rows, rounding_mode="floor")
-        bounds = torch.searchsorted(seg, torch.arange(int(seg[-1]) + 2))
-        for s in range(int(seg[0]), int(seg[-1]) + 1):
-            a, b = int(bounds[s]), int(bounds[s + 1])
-            if a == b:
-                continue
-            out[a:b] = self.segments[s][ids[a:b] - s * self.seg_rows, layer]
-            self.store.touched.add((self.name, s))
+        ids = ids.to("cpu", torch.int64)
+        # Runs of consecutive ids inside one segment: [a, e) of out <- rows first..first+e-a.
+        brk = torch.ones(n, dtype=torch.bool)
+        brk[1:] = (ids[1:] != ids[:-1] + 1) | (ids[1:] % self.seg_rows == 0)
+        starts = brk.nonzero().flatten()
+        ends = torch.cat([starts[1:], torch.tensor([n])])
+        buf = None
+        sb = self.slice_bytes
+        for a, e, first in zip(starts.tolist(), ends.tolist(), ids[starts].tolist()):
+            s, off = divmod(first, self.seg_rows)
+            if self.files[s] is None:
+                out[a:e] = self.segments[s][off : off + e - a, layer]
+            else:
+                buf = self._bytes(out) if buf is None else buf
+                _pread_all(self.files[s], buf[a * sb : e * sb], self._file_offset(layer, off))
         return out
-
-    def release(self, s: int) -> None:
-        mm = self.maps[s]
-        if mm is not None:
-            mm.madvise(mmap.MADV_DONTNEED)  # shared file mapping: the data stays in the file / page cache
 
     def close(self) -> None:
         self.segments = []
-        for mm in self.maps:
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # a tensor still views it: the mapping goes with that tensor
-                    pass
-        self.maps = []
+        _close_fds(self.files)
+
+
+def _close_fds(fds: list[int | None]) -> None:
+    while fds:
+        fd = fds.pop()
+        if fd is not None:
+            os.close(fd)
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        got = os.preadv(fd, [buf], offset)
+        if got <= 0:
+            raise OSError(f"region store: short read at offset {offset} ({len(buf)} bytes missing)")
+        buf, offset = buf[got:], offset + got
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        got = os.pwrite(fd, buf, offset)
+        buf, offset = buf[got:], offset + got
 
 
 class RegionStore:
@@ -143,7 +176,7 @@ class RegionStore:
     Args:
         layers: model layers (every array holds all of them per row).
         arrays: ``{name: (row_shape, dtype)}``, e.g. ``{"k": ((B, Hkv, c, D), torch.float16), ...}``.
-        memory_bytes: host-memory budget; segments beyond it are memory-mapped files.
+        memory_bytes: host-memory budget; segments beyond it are files.
         directory: where the store's files go (a fresh sub-directory is made in it); default: the system temp dir.
         keep: leave the files in place at close (their directory is :attr:`dir`).
         planned_rows: ``{name: rows}`` the input will need; the disk space it needs beyond the memory budget is
@@ -159,7 +192,6 @@ class RegionStore:
         self.parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         self.dir: Path | None = None
         self.ram_bytes = self.disk_bytes = 0
-        self.touched: set[tuple[str, int]] = set()
         self.arrays = {name: _Array(self, name, layers, tuple(shape), dt) for name, (shape, dt) in arrays.items()}
         self._finalizer = None
         if planned_rows:
@@ -210,10 +242,7 @@ class RegionStore:
         return self.dir
 
     def release(self) -> None:
-        """Drop the mapped pages touched since the last call from this process's resident set."""
-        for name, s in self.touched:
-            self.arrays[name].release(s)
-        self.touched.clear()
+        """Nothing to drop: file segments are read through ``pread``, never mapped (kept for callers)."""
 
     def nbytes(self) -> dict[str, int]:
         return {"ram": self.ram_bytes, "disk": self.disk_bytes}
