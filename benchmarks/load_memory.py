@@ -54,7 +54,7 @@ def rank_main(args) -> None:
     import torch.distributed as dist
 
     from ds_msattn.lora import apply_reduced_lora
-    from ds_msattn.parallel.zero import loading_allocator, partitioned_loading, release_copied_partitions
+    from ds_msattn.parallel.zero import loading_allocator, partitioned_loading, partitioned_peft_copies
 
     stages = {"start": peak_rss_mib()}
     t0 = time.perf_counter()
@@ -63,9 +63,9 @@ def rank_main(args) -> None:
     model = build_model(cfg, ds_config)
     stages["model"] = peak_rss_mib()
     torch.manual_seed(cfg.model.init_seed + 1)
-    with partitioned_loading(ds_config, cfg.parallel.zero_init):
+    with partitioned_loading(ds_config, cfg.parallel.zero_init), \
+            partitioned_peft_copies(model, cfg.lora.modules_to_save):
         model = apply_reduced_lora(model, cfg.lora)
-    release_copied_partitions(model)
     stages["lora"] = peak_rss_mib()
     wrapper = TokenLossModel(model)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
@@ -155,11 +155,13 @@ def main() -> None:
              f"(fp32, {args.layers} layers, hidden {args.hidden}) on {args.ranks} CPU ranks: build_model, reduced "
              "LoRA, deepspeed.initialize (ZeRO-3, parameter and optimizer offload to CPU). "
              "`python benchmarks/load_memory.py`.", "",
-             "| loading | rank | parameters held | after build MiB | after engine MiB | planner MiB | error |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| loading | rank | parameters held | after build MiB | after peft MiB | after engine MiB | planner MiB "
+             "| error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {'zero.Init (partitioned)' if r['zero_init'] else 'full copy per rank'} | {r['rank']} | "
-                     f"{r['local_params'] / 1e6:.0f}M | {r['peak_model_mib']:.0f} | {r['peak_engine_mib']:.0f} | "
+                     f"{r['local_params'] / 1e6:.0f}M | {r['peak_model_mib']:.0f} | {r['peak_lora_mib']:.0f} | "
+                     f"{r['peak_engine_mib']:.0f} | "
                      f"{r['planned_load_mib']:.0f} | {100 * r['error']:+.1f}% |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

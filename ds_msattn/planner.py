@@ -247,12 +247,14 @@ def model_state_bytes(cfg: PlanConfig, zero: int, offload: str, world: int) -> t
 def load_host_bytes(cfg: PlanConfig, zero: int, world: int) -> float:
     """Peak host bytes of one process while it loads the model (build, peft, ``deepspeed.initialize``).
 
-    - ZeRO-3 with zero.Init: the process holds its 1/world partition of every parameter, plus two copies of the
-      largest module: the module being built (or a checkpoint tensor scattered from rank 0) next to its new
-      partition, and peft's full ``modules_to_save`` copy of the embedding (measured: 250 MiB at build, 258 more
-      after peft, for a 250 MiB embedding); the engine then allocates, for its share of the trainable
-      parameters, the flat parameter partition, the fp32 master, the fp32 gradient partition and one more flat
-      buffer (16 bytes per trainable parameter / world, measured: 4.0 x 4 bytes).
+    - ZeRO-3 with zero.Init: the process holds its 1/world partition of every parameter; the engine allocates, for
+      its share of the trainable parameters (peft's ``modules_to_save`` copies are partitioned as peft makes them,
+      ``ds_msattn.parallel.zero.partitioned_peft_copies``), the flat parameter partition, the fp32 master, the
+      fp32 gradient partition and one more flat buffer (16 bytes per trainable parameter / world, measured:
+      4.0 x 4 bytes), then gathers each trainable parameter to register its gradient hook: the largest (with
+      LoRA the embedding copy) full twice, the gathered tensor and gloo's buffer of the same size (measured:
+      +500 MiB for a 250 MiB embedding). That is the peak; the build's one module full next to its partition
+      comes earlier.
     - otherwise each process holds a full copy, and peft's ``modules_to_save`` copies (embeddings, norms) are
       full as well until the engine partitions them; the engine's buffers then reuse the memory freed by
       partitioning the full copy (measured: 4 bytes per trainable parameter / world remain).

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import SHIFTED_IMPLEMENTATIONS, RunConfig, load_config, save_config, split_argv
 from .data import IGNORE_INDEX, ResumableLoader, build_dataset, load_tokenizer
-from .parallel.zero import loading_allocator, partitioned_loading, release_copied_partitions
+from .parallel.zero import loading_allocator, partitioned_loading, partitioned_peft_copies
 from .positions import CrdNtkSchedule, set_inference_positions
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -433,9 +433,10 @@ def train(cfg: RunConfig) -> None:
         from .lora import apply_reduced_lora
 
         torch.manual_seed(cfg.model.init_seed + 1)
-        with partitioned_loading(ds_config, cfg.parallel.zero_init):
+        # peft's modules_to_save copies of partitioned modules: made without gathering, partitioned at once
+        with partitioned_loading(ds_config, cfg.parallel.zero_init), \
+                partitioned_peft_copies(model, cfg.lora.modules_to_save):
             model = apply_reduced_lora(model, cfg.lora)
-        release_copied_partitions(model)  # peft's modules_to_save copies of partitioned modules
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.name)
     if len(tokenizer) > hf_config.vocab_size:

@@ -6,6 +6,8 @@
   and scatters it); no rank ever holds the whole model.
 - :func:`partitioned_empty_build` builds a model that is filled afterwards (random init) inside
   ``deepspeed.zero.Init`` without transformers' gathered re-initialization.
+- :func:`partitioned_peft_copies` lets peft copy its ``modules_to_save`` without gathering them and partitions the
+  copies at once.
 - :func:`gathered_state_dict` gathers one module at a time and keeps the full tensors on rank 0 only.
 - :func:`loading_allocator` keeps glibc from holding freed host memory while the model is built and partitioned.
 - :func:`to_universal` converts a ZeRO checkpoint written by N ranks into DeepSpeed's universal format
@@ -107,20 +109,91 @@ def is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def release_copied_partitions(model: torch.nn.Module) -> int:
-    """Turn ZeRO-3 parameters that were deep-copied while gathered (peft's ``modules_to_save`` copies) into plain ones.
-
-    A deep copy of a gathered parameter keeps DeepSpeed's bookkeeping (its ``ds_id`` and partition) next to full
-    data; replaced by a fresh parameter, the engine partitions it like any new one. Returns how many were replaced.
-    """
-    replaced = 0
+def _replace_parameters(model: torch.nn.Module, new: dict[int, torch.nn.Parameter]) -> None:
+    """Put ``new[id(p)]`` wherever ``model`` holds parameter ``p`` (tied parameters stay tied)."""
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            # a partitioned parameter holds an empty tensor outside GatheredParameters; a copy kept the full one
-            if is_partitioned(param) and param.data.numel() == param.ds_numel > 0:
-                setattr(module, name, torch.nn.Parameter(param.data.clone(), requires_grad=param.requires_grad))
-                replaced += 1
-    return replaced
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in new:
+                setattr(module, name, new[id(param)])
+
+
+@contextlib.contextmanager
+def partitioned_peft_copies(model: torch.nn.Module, module_names, enabled: bool = True):
+    """Let peft copy the ``modules_to_save`` of a ZeRO-3 partitioned ``model`` without gathering them.
+
+    peft gathers a partitioned module to deep-copy it (``ModulesToSaveWrapper.update``): each rank would hold the
+    full module twice (the gathered parameters and the copy), and the copy full until ``deepspeed.initialize``.
+    Inside the context the partitioned parameters of the modules peft will copy (its rule: the module name ends
+    with one of ``module_names``) are meta tensors of their full shape, so peft skips the gather and its copies
+    hold no memory; on exit the originals are put back and :func:`release_copied_partitions` partitions the copies.
+    """
+    stand_ins: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+    if enabled and module_names:
+        for name, module in model.named_modules(remove_duplicate=False):
+            if not any(name.endswith(key) for key in module_names):
+                continue
+            for param in module.parameters():
+                # a partition swapped out to NVMe cannot be copied in memory: leave that module to peft's gather
+                if is_partitioned(param) and getattr(param.ds_tensor, "final_location", None) is None:
+                    meta = torch.empty(param.ds_shape, dtype=param.dtype, device="meta")
+                    stand_ins.setdefault(id(param), (param, torch.nn.Parameter(meta, param.requires_grad)))
+    _replace_parameters(model, {key: meta for key, (_, meta) in stand_ins.items()})
+    try:
+        yield
+    finally:
+        for param, meta in stand_ins.values():
+            param.requires_grad_(meta.requires_grad)  # peft froze the original through its stand-in
+        _replace_parameters(model, {id(meta): param for param, meta in stand_ins.values()})
+    if enabled:
+        release_copied_partitions(model, copied_from={id(param) for param, _ in stand_ins.values()})
+
+
+def release_copied_partitions(model: torch.nn.Module, copied_from: set[int] | None = None) -> int:
+    """Partition peft's ``modules_to_save`` copies of ZeRO-3 partitioned modules, never holding them full again.
+
+    A copy made from a meta stand-in (:func:`partitioned_peft_copies`) gets empty full-size storage that
+    DeepSpeed partitions at once (``convert_to_zero_parameters`` of the original's ZeRO-3 context, as the engine
+    does for new parameters: same group and offload device); its partition is then copied from the original's,
+    which has the same layout. A copy that peft made while gathered keeps its full storage (no clone) and is
+    partitioned the same way. ``copied_from``: the ids of the originals that had stand-ins (a copy tied into
+    another wrapper, as peft ties the output projection to the embedding copy, takes its partition from the
+    module it was copied from). Returns how many parameters were partitioned.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    done: dict[int, torch.nn.Parameter] = {}
+    for wrapper in [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+        originals = dict(wrapper.original_module.named_parameters())
+        for copy in wrapper.modules_to_save.values():
+            for name, param in copy.named_parameters():
+                original = originals.get(name)
+                if id(param) in done or original is None or not is_partitioned(original):
+                    continue
+                from_meta = param.is_meta
+                if from_meta and copied_from is not None and id(original) not in copied_from:
+                    continue
+                if from_meta:
+                    data = torch.empty(original.ds_shape, dtype=original.dtype)
+                elif not is_partitioned(param) or param.data.numel() == param.ds_numel > 0:
+                    data = param.data  # a copy made while gathered (it may carry the original's ds_* attributes)
+                    param.data = torch.empty(0, dtype=data.dtype, device=data.device)
+                else:
+                    continue
+                fresh = torch.nn.Parameter(data, requires_grad=param.requires_grad)
+                del data  # the full storage is fresh's alone, freed as DeepSpeed partitions it
+                original.convert_to_zero_parameters(param_list=[fresh])
+                if from_meta:
+                    if fresh.ds_tensor.shape != original.ds_tensor.shape:
+                        raise RuntimeError(f"{name}: partition {tuple(fresh.ds_tensor.shape)} differs from the "
+                                           f"original's {tuple(original.ds_tensor.shape)}")
+                    with torch.no_grad():
+                        fresh.ds_tensor.copy_(original.ds_tensor)
+                done[id(param)] = fresh
+    _replace_parameters(model, done)
+    left = [name for name, param in model.named_parameters() if param.is_meta]
+    if left:
+        raise RuntimeError(f"no partitioned original to copy for {left[:4]}")
+    return len(done)
 
 
 def gathered_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
