@@ -94,3 +94,17 @@ def test_reads_leave_no_store_page_resident(tmp_path):
         assert torch.equal(st["kbar0"].read(layer, ids), rows[layer, ids, :, :, 0])
     assert st.disk_bytes > 0 and _resident_kib(st.dir) == 0
     st.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs Linux /proc/self/fd")
+def test_one_open_file_per_array(tmp_path):
+    """However many segments go to disk, each array holds one open file (a file per segment ran into the
+    descriptor limit on long inputs); close releases them."""
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    st = _store(tmp_path, 0)
+    st["k"].write(0, 0, torch.ones(400, 1, 2, 4, 8))
+    st["kbar0"].write(0, 0, torch.ones(400, 1, 2, 8))
+    assert len(st["k"].segments) > 50 and fds() == before + 2
+    st.close()
+    assert fds() == before

@@ -2,16 +2,17 @@
 
 DESIGN.md, "Long inputs at inference (streaming mode)". Arrays are indexed by region id (rows) and hold every
 layer (``[rows, layers, *row_shape]``), so a chunk appends rows once and each layer writes its slice. Rows live
-in fixed-size segments: in host memory while the budget (``memory_bytes``) lasts, then in files under a
-directory (a temporary one by default, removed on :meth:`RegionStore.close` or at exit unless ``keep``). Disk
-space of each file is reserved when it is created (``posix_fallocate``), so a full disk is an error, never a
-crash on a write; the planned size is checked before the first row.
+in fixed-size segments: in host memory while the budget (``memory_bytes``) lasts, then in one file per array under
+a directory (a temporary one by default, removed on :meth:`RegionStore.close` or at exit unless ``keep``); one
+file, not one per segment, so the open descriptors do not grow with the input. Disk space of each segment is
+reserved when it is added (``posix_fallocate``), so a full disk is an error, never a crash on a write; the
+planned size is checked before the first row.
 
 Files are read and written with ``preadv``/``pwrite`` into the caller's tensors, never memory-mapped: a mapped
 page that was read counts in the process's resident set until it is unmapped (with the kernel's fault-around,
 neighbouring rows and other layers' slices too), so the resident set grew with the regions a chunk reads over all
-layers, i.e. with the history (measured: +100 MiB per 4K tokens of history with 30 layers). Read through the
-page cache, the data is resident only in the tensors asked for. Inside a file a segment is layer-major
+layers, i.e. with the history (SmolLM2, 30 layers: about 300 MiB inside a chunk at 32K tokens, growing). Read
+through the page cache, the data is resident only in the tensors asked for. In the file a segment is layer-major
 (``[layers, seg_rows, *row_shape]``), so a run of consecutive rows of one layer is one system call.
 
 Reads take a sorted set of row ids; each run of consecutive ids inside a segment is one copy or one ``preadv``.
@@ -60,8 +61,9 @@ class _Array:
         self.seg_rows = max(1, store.segment_bytes // self.row_bytes)
         self.slice_bytes = self.row_bytes // layers  # one layer's row
         self.segments: list[torch.Tensor | None] = []  # RAM: [seg_rows, layers, *row_shape]; file: None
-        self.files: list[int | None] = []  # file segments: open descriptor (layer-major rows)
-        weakref.finalize(self, _close_fds, self.files)  # a store dropped without close() keeps no descriptor open
+        self.offsets: list[int | None] = []  # file segments: byte offset in the array's file; RAM: None
+        self.fd: list[int] = []  # the array's one file (0 or 1 descriptor), one per array whatever the length
+        weakref.finalize(self, _close_fds, self.fd)  # a store dropped without close() keeps no descriptor open
         self.rows = 0
 
     @property
@@ -72,21 +74,24 @@ class _Array:
         st = self.store
         if st.ram_bytes + self.seg_bytes <= st.memory_bytes:
             self.segments.append(torch.empty(self.seg_rows, *self.inner, dtype=self.dtype))
-            self.files.append(None)
+            self.offsets.append(None)
             st.ram_bytes += self.seg_bytes
             return
-        path = st.directory() / f"{self.name}-{len(self.segments):05d}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        path = st.directory() / f"{self.name}.bin"
+        if not self.fd:
+            self.fd.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+        base = sum(o is not None for o in self.offsets) * self.seg_bytes
         try:
-            os.posix_fallocate(fd, 0, self.seg_bytes)
+            os.posix_fallocate(self.fd[0], base, self.seg_bytes)
         except OSError as e:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            if base == 0:
+                _close_fds(self.fd)
+                path.unlink(missing_ok=True)
             raise OSError(e.errno, f"region store: no space for {self.seg_bytes / 2**20:.0f} MiB more under {st.dir} "
                                    f"({e.strerror}): free space, pass --store-dir on a larger disk, a smaller "
                                    f"--store-dtype or a larger --store-memory-gib") from None
         self.segments.append(None)
-        self.files.append(fd)
+        self.offsets.append(base)
         st.disk_bytes += self.seg_bytes
 
     def grow(self, rows: int) -> None:
@@ -100,8 +105,8 @@ class _Array:
         arr = (t.view(torch.int16) if self.dtype == torch.bfloat16 else t).numpy()
         return memoryview(arr).cast("B")
 
-    def _file_offset(self, layer: int, off: int) -> int:
-        return (layer * self.seg_rows + off) * self.slice_bytes
+    def _file_offset(self, s: int, layer: int, off: int) -> int:
+        return self.offsets[s] + (layer * self.seg_rows + off) * self.slice_bytes
 
     def write(self, layer: int, start: int, values: torch.Tensor) -> None:
         """Rows ``[start, start + n)`` of ``layer`` := ``values [n, *row_shape]``."""
@@ -113,12 +118,12 @@ class _Array:
         while done < n:
             s, off = divmod(start + done, self.seg_rows)
             take = min(n - done, self.seg_rows - off)
-            if self.files[s] is None:
+            if self.offsets[s] is None:
                 self.segments[s][off : off + take, layer] = values[done : done + take]
             else:
                 buf = self._bytes(values) if buf is None else buf
                 sb = self.slice_bytes
-                _pwrite_all(self.files[s], buf[done * sb : (done + take) * sb], self._file_offset(layer, off))
+                _pwrite_all(self.fd[0], buf[done * sb : (done + take) * sb], self._file_offset(s, layer, off))
             done += take
 
     def read(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
@@ -137,16 +142,16 @@ class _Array:
         sb = self.slice_bytes
         for a, e, first in zip(starts.tolist(), ends.tolist(), ids[starts].tolist()):
             s, off = divmod(first, self.seg_rows)
-            if self.files[s] is None:
+            if self.offsets[s] is None:
                 out[a:e] = self.segments[s][off : off + e - a, layer]
             else:
                 buf = self._bytes(out) if buf is None else buf
-                _pread_all(self.files[s], buf[a * sb : e * sb], self._file_offset(layer, off))
+                _pread_all(self.fd[0], buf[a * sb : e * sb], self._file_offset(s, layer, off))
         return out
 
     def close(self) -> None:
         self.segments = []
-        _close_fds(self.files)
+        _close_fds(self.fd)
 
 
 def _close_fds(fds: list[int | None]) -> None:
