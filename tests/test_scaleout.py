@@ -38,8 +38,12 @@ VENV_BIN = Path(sys.executable).parent
 COMMON = ["--train.max_steps=4", "--checkpoint.interval=2", "--checkpoint.keep_last=3", "--positions.interval=2"]
 ONE, TWO = ["--train.micro_batch_size=2"], ["--train.micro_batch_size=1"]
 # 1 rank vs 2 ranks: the same sums in another order (gradients reduced over 2 ranks, losses summed over 2
-# micro-batches) in fp32; measured differences are about 2e-7 relative
+# micro-batches) in fp32. How far that moves the losses depends on the machine (Adam turns gradients near zero
+# into steps of about lr, whatever their sign): measured 2e-7 relative on one machine, 1.3e-5 at step 3 on
+# another. A run resumed on another world size must be as close to the new world size's run as the two world
+# sizes' own runs are to each other (twice their gap, at least 1e-5), and that gap must stay below DP_RTOL.
 WORLD_CHANGE_RTOL = 1e-5
+DP_RTOL = 1e-4
 HANG_TIMEOUT_S = 10
 DP_SP_CASES = [("region", 3), ("region", 2), ("ulysses", 3), ("ulysses", 2)]
 
@@ -210,11 +214,15 @@ def test_resume_auto_after_the_lost_rank_reproduces_the_uninterrupted_losses_exa
 def test_resume_on_another_world_size_continues_its_uninterrupted_run(runs, resumed, uninterrupted):
     tmp = runs["tmp"]
     ref, got = _metrics(tmp / uninterrupted)[2:], _metrics(tmp / resumed)
+    other = _metrics(tmp / ({"U1": "U2", "U2": "U1"}[uninterrupted]))[2:]  # the world size it was written on
     assert [r["step"] for r in got] == [3, 4]
-    for a, b in zip(ref, got, strict=True):
+    for a, b, c in zip(ref, got, other, strict=True):
         # the data loader's position and the CRD-NTK schedule carried over (alpha grew to 4 at step 3)
         assert (b["alpha"], b["shift"], b["lr"], b["tokens"]) == (a["alpha"], a["shift"], a["lr"], a["tokens"])
-        assert abs(b["loss"] - a["loss"]) <= WORLD_CHANGE_RTOL * abs(a["loss"]), (resumed, b["step"], b, a)
+        gap = abs(c["loss"] - a["loss"])
+        assert gap <= DP_RTOL * abs(a["loss"]), (b["step"], a, c)  # 1 and 2 ranks train the same run
+        tol = max(WORLD_CHANGE_RTOL * abs(a["loss"]), 2 * gap)
+        assert abs(b["loss"] - a["loss"]) <= tol, (resumed, b["step"], b, a, gap)
     assert (tmp / resumed / "checkpoints" / "step_00000002" / "ds_universal" / "zero").is_dir()
 
 
