@@ -57,7 +57,8 @@ FT_RECIPE = "ds_configs/recipes/smollm2_16k.yaml"
 #: the same steps, data and positions for every method: the main job's recipe at 8K-token sequences (the native
 #: context; CRD-NTK still places them over the recipe's 32K cycle), two optimizer steps, 2 ranks as the main job.
 #: glibc maps host tensors from 4 MiB (train.host_mmap_threshold_mib): with its default 32 the S2-Attn run's
-#: heap holes took a rank to 11 GiB in the first forward and the machine (24 GiB, 2 ranks) ran out of memory
+#: heap holes took a rank to 11 GiB in the first forward and the machine (24 GiB, 2 ranks) ran out of memory;
+#: with 4 the peak rank held 3.4 GiB (steps about 20% slower: benchmarks/results/host_allocator.md)
 FT_OVERRIDES = ["--data.seq_len=8192", "--train.max_steps=2", "--train.host_mmap_threshold_mib=4", "--resume=auto"]
 FT_RUNS = "runs/compare_ft"
 

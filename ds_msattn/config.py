@@ -248,8 +248,9 @@ class TrainSettings:
     host_mmap_threshold_mib: int = 32
     """glibc (Linux) while training: host tensors of at least this many MiB are mapped and return to the OS when
     freed; smaller ones come from the heap, whose holes stay resident. 32 is where glibc's own rule ends. Lower it
-    (e.g. 4) when the peak host memory is heap fragmentation: 10 SmolLM2 layers at 8K tokens with S2-Attn peaked
-    at 4.4 GiB with 32 and 2.8 GiB with 4 at the same speed, while MS attention ran 14% slower with 4."""
+    (e.g. 4) when the host runs out of memory: 10 SmolLM2 layers at 8K tokens peaked at 2816 / 2293 MiB
+    (S2-Attn / MS) with 32 and 1223 / 1316 MiB with 4, at 20-29% more time per step
+    (benchmarks/results/host_allocator.md)."""
 
     def __post_init__(self):
         _check_positive("train.max_steps", self.max_steps)
