@@ -1,7 +1,10 @@
-"""Helpers for tests that start training processes: a clean environment and a free port on 127.0.0.1."""
+"""Helpers for tests that start training processes: a clean environment, a free port on 127.0.0.1, gloo ranks."""
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 
 def clean_env(threads: int) -> dict:
@@ -16,3 +19,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(script: Path, args: list[str], world: int, root: Path, timeout: float = 300) -> None:
+    """Run ``python script *args`` as ``world`` local ranks (1 thread each) and assert that every rank exits 0."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = clean_env(1)
+        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(root))
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for r, p in enumerate(procs):
+        text, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"rank {r} failed:\n{text[-3000:]}"

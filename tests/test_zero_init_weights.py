@@ -7,13 +7,10 @@ state dict gathered after ``build_model`` must equal, bit for bit, the one of a 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from subprocess_env import clean_env, free_port
+from subprocess_env import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
@@ -64,18 +61,7 @@ def test_partitioned_random_init_equals_the_plain_build(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "state.pt"
-    world, port = 3, free_port()
-    procs = []
-    for r in range(world):
-        env = clean_env(1)
-        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(RECIPE), str(BLOCK), json.dumps(SHAPE),
-                                       str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for r, p in enumerate(procs):
-        text, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"rank {r} failed:\n{text[-3000:]}"
+    run_ranks(script, [str(RECIPE), str(BLOCK), json.dumps(SHAPE), str(out)], 3, ROOT)
     partitioned = torch.load(out)
     plain = _plain_state()
     assert partitioned.keys() == plain.keys()

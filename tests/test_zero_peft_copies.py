@@ -10,11 +10,9 @@ the originals must be the same partitioned, frozen parameters as before.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from subprocess_env import clean_env, free_port
+from subprocess_env import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
@@ -98,17 +96,7 @@ def test_peft_copies_of_partitioned_modules_are_partitioned_and_equal_to_the_ori
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "summary.json"
-    world, port = 3, free_port()
-    procs = []
-    for r in range(world):
-        env = clean_env(1)
-        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(RECIPE), json.dumps(SHAPE), str(out)],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for r, p in enumerate(procs):
-        text, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"rank {r} failed:\n{text[-3000:]}"
+    run_ranks(script, [str(RECIPE), json.dumps(SHAPE), str(out)], 3, ROOT)
     summary = json.loads(out.read_text())
     norms = 2 * SHAPE["num_hidden_layers"] + 1
     for case, result in summary.items():
