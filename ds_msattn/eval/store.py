@@ -27,19 +27,16 @@ import tempfile
 import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# numpy has no bfloat16: its rows are kept as int16 bit patterns and viewed back.
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 SEGMENT_BYTES = 64 << 20
 
 
 def store_dtype(name_or_dtype) -> torch.dtype:
     """``float32`` | ``float16`` | ``bfloat16`` (or the torch dtype) -> torch dtype; anything else is an error."""
     if isinstance(name_or_dtype, torch.dtype):
-        if name_or_dtype in _NUMPY:
+        if name_or_dtype in STORE_DTYPES.values():
             return name_or_dtype
         raise ValueError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {name_or_dtype}")
     if name_or_dtype not in STORE_DTYPES:
@@ -101,7 +98,8 @@ class _Array:
         self.rows = max(self.rows, rows)
 
     def _bytes(self, t: torch.Tensor) -> memoryview:
-        """The bytes of a contiguous CPU tensor of this array's dtype (shares its memory)."""
+        """The bytes of a contiguous CPU tensor of this array's dtype (shares its memory; numpy has no bfloat16,
+        so those are viewed as int16 bit patterns)."""
         arr = (t.view(torch.int16) if self.dtype == torch.bfloat16 else t).numpy()
         return memoryview(arr).cast("B")
 
@@ -245,9 +243,6 @@ class RegionStore:
             if not self.keep:
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         return self.dir
-
-    def release(self) -> None:
-        """Nothing to drop: file segments are read through ``pread``, never mapped (kept for callers)."""
 
     def nbytes(self) -> dict[str, int]:
         return {"ram": self.ram_bytes, "disk": self.disk_bytes}
