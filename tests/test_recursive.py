@@ -44,6 +44,7 @@ EVERYTHING = [
     pytest.param(dict(window_regions=1000), id="window"),
     pytest.param(dict(window_regions=8, scales=(1,)), id="fine-only"),
     pytest.param(dict(window_regions=8, scales=(1, 2, 4), beam=100), id="wide-beam"),
+    pytest.param(dict(window_regions=8, scales=(1, 2, 4), beam=100, coarse_score="bound"), id="wide-beam-bound"),
 ]
 
 
@@ -117,6 +118,36 @@ def test_store_is_exact_state_bounded_and_memory_map_changes_nothing(options):
     assert not torch.allclose(ram, everything)
 
 
+def test_bound_envelopes_bound_every_region_and_find_a_lone_match():
+    """coarse_score="bound": a coarse group stores the elementwise max and min of its regions' summaries, its score
+    is never below any of its regions' scores, and a lone matching far region (one strong key among 2047 random
+    ones), which a group's mean averages away, is still found through a beam of one group."""
+    c, s_top, T, D = 4, 16, 2048, 8
+    base = dict(region_size=c, top_k=4, merge=1, sink_regions=0, chunk=64, window_regions=3, scales=(1, s_top),
+                beam=1, **PAPER, store_memory_gib=1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D, generator=g), 0.1 * torch.randn(1, 1, T, D, generator=g)
+    needle = 40 * c + 1  # a token of region 40 (group 2 of 32)
+    k[0, 0, needle] = 10 * torch.eye(D)[0]
+    v[0, 0, needle] = 100 * torch.eye(D)[1]
+    q[0, 0, T - c :] = 3 * torch.eye(D)[0]  # the last block asks for direction 0
+    out = {}
+    for coarse in ("mean", "bound"):
+        got, state = _stream(RecursiveConfig(**base, coarse_score=coarse), q, k, v, 64)
+        out[coarse] = got[0, 0, T - c :, 1]
+    kbar = state.store["kbar0"].read(0, torch.arange(T // c))[:, 0, 0]  # [R, D]
+    env = state.store["kbar1"].read(0, torch.arange(T // c // s_top))[:, 0, 0]  # [G, 2, D]
+    fine = kbar.view(-1, s_top, D)
+    torch.testing.assert_close(env[:, 0], fine.amax(1), atol=0, rtol=0)
+    torch.testing.assert_close(env[:, 1], fine.amin(1), atol=0, rtol=0)
+    probe = torch.randn(64, D, generator=g)
+    bound = probe.clamp(min=0) @ env[:, 0].T + probe.clamp(max=0) @ env[:, 1].T  # [64, G]
+    assert (bound[:, :, None] >= torch.einsum("pd,grd->pgr", probe, fine) - 1e-5).all()
+    # The answer block reads the needle's value (weight ~1 on it) only when the search keeps its group.
+    assert (out["bound"] > 50).all(), out["bound"]
+    assert (out["mean"].abs() < 5).all(), out["mean"]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
 def test_store_reads_leave_no_page_resident(tmp_path):
     """Streaming through a store on disk: right after every read (k, v, summaries) no page of the store's files is
@@ -148,6 +179,8 @@ def test_store_reads_leave_no_page_resident(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="chunk"):
         RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=12)
+    with pytest.raises(ValueError, match="coarse_score"):
+        RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, coarse_score="max")
     with pytest.raises(ValueError, match="window_regions"):
         RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8, window_regions=3)
     with pytest.raises(ValueError, match="scales"):

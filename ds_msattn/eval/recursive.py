@@ -4,8 +4,9 @@ DESIGN.md, "Long inputs at inference (streaming mode)". For region size c, merge
 
 - every complete region's exact k and v (after RoPE) go to a :class:`~ds_msattn.eval.store.RegionStore` (host
   memory up to a budget, then files read with ``preadv``), with the region summaries: ``kbar`` (level 0, one per region)
-  and coarser means over ``scales[l]`` regions (levels 1..; complete groups only). Summaries are means of the
-  rotated keys (``score="rope"``) or of the keys with their rotation undone (``score="position_free"``).
+  and coarser summaries over ``scales[l]`` regions (levels 1..; complete groups only): the mean of their regions'
+  ``kbar``, or with ``coarse_score="bound"`` its elementwise max and min. Summaries are means of the rotated keys
+  (``score="rope"``) or of the keys with their rotation undone (``score="position_free"``).
 - a query block b (history ``H = b*m`` regions) attends, with one softmax, to its own tokens causally and to the
   regions its selection names, read back exactly from the store, at the ``far_positions`` of the options.
 - selection (the rule of DESIGN.md, run over candidates found coarse to fine): all of the history while it has
@@ -17,7 +18,10 @@ DESIGN.md, "Long inputs at inference (streaming mode)". For region size c, merge
     scale: their own ``kbar``;
   * the *far* regions ``[0, w0)``, through the summary levels: every complete group of the coarsest level is
     scored, the rank-major merge keeps ``beam`` of them, their children one level finer are scored, ``beam`` kept,
-    and so on down to regions (level 0), whose ``kbar`` then compete with the window's.
+    and so on down to regions (level 0), whose ``kbar`` then compete with the window's. A coarse group scores
+    ``qbar . mean`` (``coarse_score="mean"``) or ``sum_d max(qbar_d max_d, qbar_d min_d)`` (``"bound"``, after Quest's
+    page bounds): the latter is never below any of its regions' scores, so a group holding one matching region
+    ranks at least as high as that region would, however many unrelated regions it also holds.
 
   With ``scales=(1,)``, or a window that holds the history, or a beam that keeps every group, the candidates are
   the whole history and this is exactly ``ms_attention`` (tests). The work per block is bounded by the window,
@@ -49,6 +53,7 @@ from ds_msattn.attention.selection import _order_key, _validate_params, per_quer
 from .store import RegionStore, store_dtype
 
 _MIN = torch.iinfo(torch.int64).min
+COARSE_SCORES = ("mean", "bound")
 
 
 @dataclass
@@ -69,6 +74,10 @@ class RecursiveConfig:
     """regions per summary at each level: 1 first, each dividing the next"""
     beam: int = 32
     """summaries kept per coarse level (their children are scored at the next finer level)"""
+    coarse_score: str = "mean"
+    """how a coarse group (levels 1..) is scored: ``mean`` (query . mean of its regions' summaries) or ``bound``
+    (query . the elementwise max or min of its regions' summaries, whichever is larger per dimension: an upper bound
+    of every one of its regions' scores, so a single far region that matches is not averaged away)"""
     far_positions: str = MODEL_OPTIONS["far_positions"]
     """options of ms_attention (attention/options.py), defaults as for models (config.ms_attention)"""
     far_window: int = MODEL_OPTIONS["far_window"]
@@ -104,6 +113,8 @@ class RecursiveConfig:
         self.scales = scales
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
+        if self.coarse_score not in COARSE_SCORES:
+            raise ValueError(f"coarse_score must be one of {', '.join(COARSE_SCORES)}, got {self.coarse_score!r}")
         if self.store_memory_gib < 0:
             raise ValueError(f"store_memory_gib must be >= 0, got {self.store_memory_gib}")
         if self.store_dtype is not None:
@@ -202,9 +213,14 @@ class LayerState:
         self.regions = r1 = r0 + r
         for lvl, s in enumerate(self.cfg.scales[1:], start=1):
             g0, g1 = r0 // s, r1 // s
-            if g1 > g0:  # groups completed by these regions: means of their regions' means (all of c tokens)
+            if g1 > g0:  # groups completed by these regions: their regions' summaries reduced
                 fine = st["kbar0"].read(layer, torch.arange(g0 * s, g1 * s))  # [(g1-g0)*s, B, Hkv, D]
-                st[f"kbar{lvl}"].write(layer, g0, fine.view(g1 - g0, s, *fine.shape[1:]).mean(1))
+                fine = fine.view(g1 - g0, s, *fine.shape[1:])
+                if self.cfg.coarse_score == "mean":  # means of their regions' means (all of c tokens)
+                    coarse = fine.mean(1)
+                else:  # envelope [max, min] per dimension: [g, B, Hkv, 2, D]
+                    coarse = torch.stack([fine.amax(1), fine.amin(1)], dim=-2)
+                st[f"kbar{lvl}"].write(layer, g0, coarse)
 
     # ---- selection ------------------------------------------------------------------------------------
     def _select(self, qrank: torch.Tensor, blocks: list[int], Hq: int) -> torch.Tensor:
@@ -243,10 +259,14 @@ class LayerState:
             if valid.numel() == 0:
                 return torch.full((*ids.shape[:3], r, ids.shape[3]), _MIN, dtype=torch.int64, device=dev)
             union = valid.unique()
-            rows = st[name].read(layer, union.cpu()).to(dev)  # [U, B, Hkv, D]
+            rows = st[name].read(layer, union.cpu()).to(dev)  # [U, B, Hkv, D] (or [U, B, Hkv, 2, D]: envelope)
             pos = torch.searchsorted(union, ids.clamp(min=0))
-            keys = _take(rows, pos, kv_head).float()  # [B, Hs, ns, N, D]
-            return _order_key(torch.einsum("bhnrd,bhnxd->bhnrx", q, keys))
+            keys = _take(rows, pos, kv_head).float()  # [B, Hs, ns, N, D] or [B, Hs, ns, N, 2, D]
+            if keys.dim() == 5:
+                return _order_key(torch.einsum("bhnrd,bhnxd->bhnrx", q, keys))
+            # max over the envelope's corners of q . k = q+ . max + q- . min (q- = min(q, 0))
+            return _order_key(torch.einsum("bhnrd,bhnxd->bhnrx", q.clamp(min=0), keys[..., 0, :])
+                              + torch.einsum("bhnrd,bhnxd->bhnrx", q.clamp(max=0), keys[..., 1, :]))
 
         # Far candidates, coarse to fine: whole levels of complete groups below w0, then the beam's children.
         cand = None  # [B, Hs, ns, N] ids at the current level
@@ -387,7 +407,8 @@ def make_store(cfg: RecursiveConfig, *, layers: int, batch: int, kv_heads: int, 
     kv_dtype = store_dtype(cfg.store_dtype) if cfg.store_dtype is not None else store_dtype(dtype)
     arrays = {"k": ((batch, kv_heads, c, head_dim), kv_dtype), "v": ((batch, kv_heads, c, value_dim), kv_dtype)}
     for lvl in range(len(cfg.scales)):
-        arrays[f"kbar{lvl}"] = ((batch, kv_heads, head_dim), torch.float32)
+        envelope = lvl > 0 and cfg.coarse_score == "bound"
+        arrays[f"kbar{lvl}"] = ((batch, kv_heads, *((2,) if envelope else ()), head_dim), torch.float32)
     planned = None
     if planned_tokens:
         regions = planned_tokens // c
