@@ -1,6 +1,6 @@
 """Streaming mode (region store + selection over summaries): equals ms_attention (with every option) /
 ms_attention_decode while the window holds the whole history or the summary search keeps every candidate,
-keeps every region exact in the store (memory-mapped or not, same results) with a bounded in-memory state,
+keeps every region exact in the store (on disk or not, same results) with a bounded in-memory state,
 and the model-level runner equals the transformers model under attn_implementation="ms_attention"."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_prefill_equals_ms_attention_when_every_region_is_a_candidate(params, ch
     got, state = _stream(cfg, q, k, v, chunk, inv_freq=INV_FREQ)
     want = ms_attention(q, k, v, **params, **options, rope_inv_freq=INV_FREQ)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    assert state.store.disk_bytes > 0 and state.store.ram_bytes == 0  # read back through memory-mapped files
+    assert state.store.disk_bytes > 0 and state.store.ram_bytes == 0  # read back from the store's files
 
 
 @pytest.mark.parametrize("params,chunk,options", [
@@ -88,8 +88,8 @@ def test_decode_equals_ms_attention_decode(params, chunk, options):
 
 
 @pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[1]])
-def test_store_is_exact_state_bounded_and_memory_map_changes_nothing(options):
-    """480 tokens through a small window and beam: the memory-mapped store gives the in-memory run's outputs
+def test_store_is_exact_state_bounded_and_disk_changes_nothing(options):
+    """480 tokens through a small window and beam: the store on disk gives the in-memory run's outputs
     bit for bit, holds every region's k and v exactly, its summaries are the means of their regions, and the
     in-memory state (the pending block) stays bounded."""
     c, m = 4, 2
@@ -242,9 +242,9 @@ def test_runner_rejects_dynamic_rope():
         RecursiveRunner(model, RecursiveConfig(region_size=4, top_k=6, merge=2, chunk=8))
 
 
-def test_runner_memory_map_equals_in_memory_run():
+def test_runner_store_on_disk_equals_in_memory_run():
     """Tiny model, 600 tokens through a 4-region window and a narrow beam with compact positions and
-    position-free scores: forcing the memory-mapped store (fp16) changes no logit and no generated
+    position-free scores: forcing the store onto disk (fp16) changes no logit and no generated
     token; per-segment NLL adds up to the whole."""
     params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
     model = _tiny_models(params)

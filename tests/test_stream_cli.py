@@ -1,5 +1,5 @@
 """``ds-msattn eval stream``: passkey prompts streamed chunk by chunk (the same ids as make_passkey_prompt) and a
-text's NLL per segment, through a memory-mapped store that is removed afterwards."""
+text's NLL per segment, through a store on disk that is removed afterwards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Region store of the streaming runner: rows round-trip exactly in memory and through memory-mapped files
+"""Region store of the streaming runner: rows round-trip exactly in memory and through files on disk
 (across segments, every dtype), files go away at close unless kept, and bad set-ups fail with what to do."""
 
 from __future__ import annotations
