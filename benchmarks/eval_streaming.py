@@ -31,7 +31,7 @@ RESULTS = ROOT / "results"
 TRIALS = RESULTS / "eval_streaming"
 SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=0,
              scales=(1, 16, 256), beam=32, far_positions="compact", score="position_free", select_per="head",
-             store_dtype="float16", store_memory_gib=0.0, coarse_score="mean")
+             store_dtype="float16", store_memory_gib=0.0, coarse_score="bound")
 #: trial-file prefix of each coarse_score (the runner's candidate search; "" for the first one measured)
 PREFIX = {"mean": "", "bound": "bound-"}
 
@@ -276,7 +276,7 @@ def main() -> int:
     t.add_argument("--segment", type=int, default=32768)
     t.add_argument("--out", required=True)
     for x in (p, q, t):
-        x.add_argument("--coarse-score", default="mean", choices=list(PREFIX),
+        x.add_argument("--coarse-score", default=SETUP["coarse_score"], choices=list(PREFIX),
                        help="the runner's coarse_score (trial files of 'bound' are prefixed 'bound-')")
     sub.add_parser("report")
     a = ap.parse_args()

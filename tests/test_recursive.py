@@ -94,7 +94,7 @@ def test_store_is_exact_state_bounded_and_disk_changes_nothing(options):
     in-memory state (the pending block) stays bounded."""
     c, m = 4, 2
     base = dict(region_size=c, top_k=6, merge=m, sink_regions=1, chunk=16, window_regions=4, scales=(1, 2, 8), beam=2,
-                **{**PAPER, **options})
+                coarse_score="mean", **{**PAPER, **options})
     T = 480
     q, k, v = _qkv(1, 2, 1, T, 8, seed=2)
     ram, s_ram = _stream(RecursiveConfig(**base, store_memory_gib=1), q, k, v, 16, inv_freq=INV_FREQ)

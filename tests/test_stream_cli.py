@@ -37,12 +37,12 @@ def test_stream_cli_passkey_and_text(tiny_dir, tmp_path):  # noqa: F811
     assert set(rep["passed"]) == {"300"} and len(rep["trials"]) == 2
     assert all(t["store_disk_gib"] > 0 and t["prefill_tokens_per_s"] > 0 for t in rep["trials"])
     assert rep["stream"]["far_positions"] == "compact" and rep["stream"]["score"] == "position_free"
-    assert rep["stream"]["coarse_score"] == "mean"
+    assert rep["stream"]["coarse_score"] == "bound"  # the default
     out = tmp_path / "text.json"
     assert main(["stream", "--text-file", str(tiny_dir / "doc.txt"), "--segment-tokens", "256", "--new-tokens", "3",
-                 "--coarse-score", "bound", "--output", str(out), *common]) == 0
+                 "--coarse-score", "mean", "--output", str(out), *common]) == 0
     rep = json.loads(out.read_text())
-    assert rep["stream"]["coarse_score"] == "bound"
+    assert rep["stream"]["coarse_score"] == "mean"
     assert rep["tokens"] > 500 and len(rep["new_tokens"]) == 3 and len(rep["segments"]) == -(-rep["tokens"] // 256)
     assert not any((tmp_path / "store").iterdir())  # the store's files are gone
 

@@ -53,7 +53,7 @@ from ds_msattn.attention.selection import _order_key, _validate_params, per_quer
 from .store import RegionStore, store_dtype
 
 _MIN = torch.iinfo(torch.int64).min
-COARSE_SCORES = ("mean", "bound")
+COARSE_SCORES = ("bound", "mean")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RecursiveConfig:
     """regions per summary at each level: 1 first, each dividing the next"""
     beam: int = 32
     """summaries kept per coarse level (their children are scored at the next finer level)"""
-    coarse_score: str = "mean"
+    coarse_score: str = "bound"
     """how a coarse group (levels 1..) is scored: ``mean`` (query . mean of its regions' summaries) or ``bound``
     (query . the elementwise max or min of its regions' summaries, whichever is larger per dimension: an upper bound
     of every one of its regions' scores, so a single far region that matches is not averaged away)"""

@@ -39,8 +39,8 @@ def add_stream_args(sub, model_args) -> None:
                     help="regions per summary at each level, 1 first, e.g. 1,16,256")
     st.add_argument("--beam", "--summary-slots", dest="beam", type=int, default=32,
                     help="summaries kept per coarse level")
-    st.add_argument("--coarse-score", default="mean", choices=["mean", "bound"],
-                    help="coarse groups scored by their mean summary or by an upper bound of their regions' scores")
+    st.add_argument("--coarse-score", default="bound", choices=["bound", "mean"],
+                    help="coarse groups scored by an upper bound of their regions' scores (default) or by their mean")
     st.add_argument("--store-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="dtype of the stored k and v (default: the model's)")
     st.add_argument("--store-memory-gib", type=float, default=4.0, help="host memory of the store before disk")
