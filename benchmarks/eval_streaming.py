@@ -31,13 +31,19 @@ RESULTS = ROOT / "results"
 TRIALS = RESULTS / "eval_streaming"
 SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=0,
              scales=(1, 16, 256), beam=32, far_positions="compact", score="position_free", select_per="head",
-             store_dtype="float16", store_memory_gib=0.0, coarse_score="bound")
-#: trial-file prefix of each coarse_score (the runner's candidate search; "" for the first one measured)
+             store_dtype="float16", store_memory_gib=0.0, coarse_score="bound", model_dtype="float32")
+#: trial-file prefix of each coarse_score (the runner's candidate search; "" for the first one measured) and model
+#: dtype
 PREFIX = {"mean": "", "bound": "bound-"}
+DTYPE_PREFIX = {"float32": "", "bfloat16": "bf16-"}
 
 
-def _setup(coarse: str) -> dict:
-    return SETUP | {"coarse_score": coarse}
+def _setup(coarse: str, dtype: str) -> dict:
+    return SETUP | {"coarse_score": coarse, "model_dtype": dtype}
+
+
+def _prefix(coarse: str, dtype: str) -> str:
+    return PREFIX[coarse] + DTYPE_PREFIX[dtype]
 
 
 def _describe(setup: dict) -> dict:
@@ -61,10 +67,10 @@ def _load(setup: dict):
     from ds_msattn.models import load_tokenizer
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    spec = EvalModelSpec(model="smollm2", attention="sdpa", rope="none")  # the runner does the attention itself
-    tok = load_tokenizer("smollm2")
+    spec = EvalModelSpec(model="smollm2", attention="sdpa", rope="none", dtype=setup["model_dtype"])  # the runner
+    tok = load_tokenizer("smollm2")  # does the attention itself
     model = load_eval_model(spec)
-    cfg = RecursiveConfig(**setup, store_dir=os.environ.get("STORE_DIR"))
+    cfg = RecursiveConfig(**{k: v for k, v in setup.items() if k != "model_dtype"}, store_dir=os.environ.get("STORE_DIR"))
     return tok, model, RecursiveRunner(model, cfg)
 
 
@@ -145,9 +151,10 @@ def _spawn(heavy: str | None, args: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def _group(rec: dict) -> tuple[str, str]:
-    """(coarse score, store reads) of a trial record (records from before either existed: mean, mmap)."""
-    return rec["setup"].get("coarse_score", "mean"), rec.get("store_io", "mmap")
+def _group(rec: dict) -> tuple[str, str, str]:
+    """(model dtype, coarse score, store reads) of a trial record (records from before these existed: float32,
+    mean, mmap)."""
+    return rec["setup"].get("model_dtype", "float32"), rec["setup"].get("coarse_score", "mean"), rec.get("store_io", "mmap")
 
 
 def report() -> None:
@@ -166,24 +173,26 @@ def report() -> None:
     s = SETUP
     lines = ["# Streaming inference on SmolLM2-135M (no fine-tuning): passkey, memory, disk, speed, perplexity", "",
              f"CPU ({os.cpu_count()} cores, shared with other jobs; each trial its own process, {os.environ.get('THREADS', '2')} "
-             f"threads), torch {torch.__version__}, transformers {transformers.__version__}, fp32 model, plain RoPE "
+             f"threads), torch {torch.__version__}, transformers {transformers.__version__}, plain RoPE "
              f"(8K native). Streaming runner: MS c={s['region_size']} K={s['top_k']} m={s['merge']} s={s['sink_regions']}, "
              f"chunk {s['chunk']}, window {s['window_regions']} regions, summary scales {list(s['scales'])} regions, beam "
              f"{s['beam']}, far_positions {s['far_positions']}, score {s['score']}, select_per {s['select_per']}; store "
              f"{s['store_dtype']} on disk (memory budget {s['store_memory_gib']} GiB).", "",
+             "Model: the dtype of SmolLM2's weights and activations (`--dtype`; the runner's selection summaries and "
+             "attention are fp32 either way; bfloat16 matmuls use the CPU's AMX units). "
              "Coarse score: how the candidate search ranks a coarse group (runner option `coarse_score`): `mean` "
              "(query . the mean of its regions' summaries) or `bound` (an upper bound of its regions' scores, from the "
              "elementwise max and min of their summaries). Store reads: `mmap` for trials run before the store read its "
              "files with preadv (their RSS counts mapped store pages), `preadv` after.", "",
              "## Passkey (depths spread: trial i of n at a random depth in [i/n, (i+1)/n); 8 greedy tokens)", "",
-             "| coarse score | store reads | length | passed | peak RSS MiB (max over trials) | RSS after load MiB | "
+             "| model | coarse score | store reads | length | passed | peak RSS MiB (max over trials) | RSS after load MiB | "
              "store on disk GiB | prefill tokens/s (mean) | prefill s (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_len: dict[tuple, list[dict]] = {}
     for r in pk:
         by_len.setdefault(_group(r) + (r["length"],), []).append(r)
-    for (coarse, io, L), rs in sorted(by_len.items()):
-        lines.append(f"| {coarse} | {io} | {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
+    for (dt, coarse, io, L), rs in sorted(by_len.items()):
+        lines.append(f"| {dt} | {coarse} | {io} | {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
                      f"{max(r['rss_after_load_mib'] for r in rs):.0f} | {max(r['store_disk_gib'] for r in rs):.2f} | "
                      f"{sum(r['prefill_tokens_per_s'] for r in rs) / len(rs):.0f} | "
                      f"{sum(r['prefill_seconds'] for r in rs) / len(rs):.0f} |")
@@ -195,8 +204,8 @@ def report() -> None:
             lines += ["", f"Time per {32 * s['chunk']} tokens along the longest trial ({longest['length']} tokens, trial "
                           f"{longest['trial']}): first {prog[0][2]} s, then {steps} s; RSS sampled at those points: "
                           f"{[p[1] for p in prog]} MiB."]
-    lines += ["", "| coarse score | store reads | length | trial | depth | key | generated | passed |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | coarse score | store reads | length | trial | depth | key | generated | passed |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {' | '.join(_group(r))} | {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | "
               f"{r['passed']} |" for r in sorted(pk, key=lambda r: (_group(r), r["length"], r["trial"]))]
     if pp:
@@ -204,7 +213,7 @@ def report() -> None:
         for r in pp:
             first = r["segments"][0]["ppl"]
             worst = max(r["segments"], key=lambda x: x["ppl"])
-            lines += [f"Coarse score {_group(r)[0]}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
+            lines += [f"{' '.join(_group(r)[:2])}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
                       f"{r['store_disk_gib']:.2f} GiB, {r['prefill_tokens_per_s']:.0f} tokens/s; first segment "
                       f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first).",
                       "", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
@@ -223,9 +232,9 @@ def report() -> None:
     (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=SETUP | {"scales": list(SETUP["scales"])},
                                                                  passkey=pk, ppl=pp), indent=1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    groups = sorted({g[:2] for g in by_len})
+    groups = sorted({g[:3] for g in by_len})
     if groups:
-        Ls = sorted({g[2] for g in by_len})
+        Ls = sorted({g[3] for g in by_len})
         width = 0.8 / len(groups)
         ax = axes[1]
         for j, g in enumerate(groups):
@@ -238,7 +247,7 @@ def report() -> None:
         axes[0].set_ylim(0, 1)
         axes[0].legend(fontsize=7)
         axes[0].set_title("passkey accuracy")
-        disk = {L: max(r["store_disk_gib"] for g, rs in by_len.items() if g[2] == L for r in rs) for L in Ls}
+        disk = {L: max(r["store_disk_gib"] for g, rs in by_len.items() if g[3] == L for r in rs) for L in Ls}
         ax.plot([L // 1024 for L in Ls], [1024 * disk[L] for L in Ls], "s--", label="store on disk MiB")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -278,6 +287,8 @@ def main() -> int:
     for x in (p, q, t):
         x.add_argument("--coarse-score", default=SETUP["coarse_score"], choices=list(PREFIX),
                        help="the runner's coarse_score (trial files of 'bound' are prefixed 'bound-')")
+        x.add_argument("--dtype", default=SETUP["model_dtype"], choices=list(DTYPE_PREFIX),
+                       help="the model's dtype (trial files of bfloat16 are prefixed 'bf16-')")
     sub.add_parser("report")
     a = ap.parse_args()
     TRIALS.mkdir(parents=True, exist_ok=True)
@@ -287,29 +298,30 @@ def main() -> int:
     if a.cmd == "trial":
         TRIALS_PER[a.length] = a.trials
         if a.kind == "passkey":
-            trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score))
+            trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score, a.dtype))
         else:
-            trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score))
+            trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score, a.dtype))
         return 0
     if a.cmd == "passkey":
         lengths = [int(x) for x in a.lengths.split(",")]
         trials = [int(x) for x in a.trials.split(",")]
         trials = trials * len(lengths) if len(trials) == 1 else trials
-        pre = PREFIX[a.coarse_score]
+        pre = _prefix(a.coarse_score, a.dtype)
         todo = [(L, n, i) for L, n in zip(lengths, trials) for i in range(n)
                 if not (TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json").exists()]
         for L, n, i in todo[: a.max_new]:
             out = TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json"
             rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
-                                  str(n), "--seed", str(a.seed), "--out", str(out), "--coarse-score", a.coarse_score])
+                                  str(n), "--seed", str(a.seed), "--out", str(out), "--coarse-score", a.coarse_score,
+                                  "--dtype", a.dtype])
             if rc:
                 print(f"trial {out.name} failed with exit code {rc}", flush=True)
         report()
         return 0
-    out = TRIALS / f"{PREFIX[a.coarse_score]}ppl-{a.tokens}.json"
+    out = TRIALS / f"{_prefix(a.coarse_score, a.dtype)}ppl-{a.tokens}.json"
     if not out.exists():
         _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out),
-                         "--coarse-score", a.coarse_score])
+                         "--coarse-score", a.coarse_score, "--dtype", a.dtype])
     report()
     return 0
 

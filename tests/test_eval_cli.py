@@ -80,6 +80,25 @@ def test_cli_rejects_bad_arguments(tiny_dir, tmp_path):
               "--rope", "dynamic", "--rope-factor", "0.5", "--output", str(tmp_path / "x.json")])
 
 
+def test_bfloat16_model_tracks_float32(tiny_dir, tmp_path):
+    """--dtype bfloat16 loads the weights in bf16: the perplexity stays within 1% of fp32's; other dtypes are refused."""
+    from ds_msattn.eval.cli import main
+    from ds_msattn.eval.loading import EvalModelSpec
+
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["ppl", "--model", str(tiny_dir), "--text-file", str(tiny_dir / "doc.txt"), "--context", "128",
+                     "--attn", "ms_attention", "--region-size", "4", "--top-k", "4", "--merge", "2", "--dtype", dtype,
+                     "--output", str(out), "--quiet"]) == 0
+        rep = json.loads(out.read_text())
+        assert ("bfloat16" in rep["setup"]) == (dtype == "bfloat16")
+        ppl[dtype] = rep["results"][0]["ppl"]
+    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=1e-2) and ppl["bfloat16"] != ppl["float32"]
+    with pytest.raises(ValueError, match="dtype"):
+        EvalModelSpec(dtype="float16")
+
+
 def test_adapter_is_merged(tiny_dir, tmp_path):
     """--adapter: a peft adapter (LoRA on k/o plus saved embeddings and norms) gives the peft model's outputs."""
     from peft import LoraConfig, get_peft_model

@@ -267,3 +267,22 @@ def test_runner_store_on_disk_equals_in_memory_run():
         total = sum(s["nll"] * s["tokens"] for s in segs) / sum(s["tokens"] for s in segs)
         assert total == pytest.approx(res[0]["nll_per_token"], rel=1e-6)
     assert res[0]["prefill_tokens_per_s"] > 0
+
+
+def test_runner_in_bfloat16_tracks_float32():
+    """A bfloat16 model streams through the same search (summaries and attention in fp32, the store in the model's
+    dtype by default): its NLL stays within 1% of the fp32 model's and greedy decoding agrees on most tokens."""
+    params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
+    model = _tiny_models(params)
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(6))
+    cfg = dict(**params, chunk=32, window_regions=4, scales=(1, 2, 8), beam=2, far_positions="compact",
+               score="position_free")
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = RecursiveRunner(model.to(dtype), RecursiveConfig(**cfg))
+        res[dtype] = runner.run(ids, new_tokens=8, log=None)
+        assert runner.store["k"].dtype == dtype and runner.store["kbar0"].dtype == torch.float32
+        runner.close()
+    assert res[torch.bfloat16]["nll_per_token"] == pytest.approx(res[torch.float32]["nll_per_token"], rel=1e-2)
+    same = sum(a == b for a, b in zip(res[torch.bfloat16]["new_tokens"], res[torch.float32]["new_tokens"]))
+    assert same >= 6, (res[torch.bfloat16]["new_tokens"], res[torch.float32]["new_tokens"])

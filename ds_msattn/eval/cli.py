@@ -47,6 +47,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", default=None, choices=list(SCORES), help="region summaries: rope or position_free")
     p.add_argument("--select-per", default=None, choices=list(SELECT_PER), help="one selection per head or kv_group")
     p.add_argument("--rope", default="none", choices=["none", "dynamic", "crd-ntk"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model weights and activations (bfloat16: several times faster on CPUs with AMX)")
     p.add_argument("--rope-factor", type=float, default=4.0, help="NTK alpha for dynamic / crd-ntk")
     p.add_argument("--rope-length", type=int, default=None,
                    help="crd-ntk: fixed target length L of the base (default: each input's own length)")
@@ -185,7 +187,7 @@ def _spec(args, esa: dict | None = None):
         if value is not None:
             ms[key] = value
     return EvalModelSpec(model=args.model, adapter=args.adapter, attention=args.attn, ms_params=ms, rope=args.rope,
-                         rope_factor=args.rope_factor, rope_length=args.rope_length, esa_params=esa)
+                         rope_factor=args.rope_factor, rope_length=args.rope_length, esa_params=esa, dtype=args.dtype)
 
 
 def _texts(args) -> dict[str, str]:

@@ -193,7 +193,8 @@ class LayerState:
                                     dtype=k.dtype)
 
     def _summary_keys(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """What summaries are means of, for ``x [B, H, L, D]`` at positions ``start..``: as given or unrotated."""
+        """What summaries are means of, for ``x [B, H, L, D]`` at positions ``start..``: as given or unrotated (fp32)."""
+        x = x.float()
         if self.cfg.score == "rope":
             return x
         pos = torch.arange(start, start + x.shape[2], device=x.device)[None].expand(x.shape[0], -1)
