@@ -178,8 +178,8 @@ def report() -> None:
              f"chunk {s['chunk']}, window {s['window_regions']} regions, summary scales {list(s['scales'])} regions, beam "
              f"{s['beam']}, far_positions {s['far_positions']}, score {s['score']}, select_per {s['select_per']}; store "
              f"{s['store_dtype']} on disk (memory budget {s['store_memory_gib']} GiB).", "",
-             "Model: the dtype of SmolLM2's weights and activations (`--dtype`; the runner's selection summaries and "
-             "attention are fp32 either way; bfloat16 matmuls use the CPU's AMX units). "
+             "Model: the dtype of SmolLM2's weights and activations (`--dtype`; the runner's selection summaries are "
+             "fp32 either way, its attention runs in the model's dtype; bfloat16 matmuls use the CPU's AMX units). "
              "Coarse score: how the candidate search ranks a coarse group (runner option `coarse_score`): `mean` "
              "(query . the mean of its regions' summaries) or `bound` (an upper bound of its regions' scores, from the "
              "elementwise max and min of their summaries). Store reads: `mmap` for trials run before the store read its "

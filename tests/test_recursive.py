@@ -270,7 +270,7 @@ def test_runner_store_on_disk_equals_in_memory_run():
 
 
 def test_runner_in_bfloat16_tracks_float32():
-    """A bfloat16 model streams through the same search (summaries and attention in fp32, the store in the model's
+    """A bfloat16 model streams through the same search (summaries in fp32, attention in bf16, the store in the model's
     dtype by default): its NLL stays within 1% of the fp32 model's and greedy decoding agrees on most tokens."""
     params = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
     model = _tiny_models(params)

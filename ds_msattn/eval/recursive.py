@@ -322,15 +322,17 @@ class LayerState:
                 shift = key_shifts(sel, torch.tensor(blocks, device=dev), region_size=c, merge=cfg.merge,
                                    options=cfg.options)  # [B, Hq, nb, S, c]
                 hk = rotate(hk.float(), shift, self.inv_freq.to(dev))
+        # fp32 attention for fp32 and fp16 models; a bf16 model attends in bf16 (its own dtype: AMX on CPUs)
+        work = torch.bfloat16 if q[0].dtype == torch.bfloat16 else torch.float32
         outs = []
         for i, (qi, (own_k, own_v)) in enumerate(zip(q, own)):
             G = Hq // own_k.shape[1]
             L, P = qi.shape[2], own_k.shape[2]
-            keys, values = own_k.repeat_interleave(G, 1).float(), own_v.repeat_interleave(G, 1).float()
+            keys, values = own_k.repeat_interleave(G, 1).to(work), own_v.repeat_interleave(G, 1).to(work)
             mask = torch.ones(L, P, dtype=torch.bool, device=dev).tril(P - L) if causal else None  # [L, P]
             if hk is not None and bool((sel[:, :, i] >= 0).any()):
-                keys = torch.cat([hk[:, :, i].reshape(B, Hq, S * c, -1).float(), keys], 2)
-                values = torch.cat([hv[:, :, i].reshape(B, Hq, S * c, -1).float(), values], 2)
+                keys = torch.cat([hk[:, :, i].reshape(B, Hq, S * c, -1).to(work), keys], 2)
+                values = torch.cat([hv[:, :, i].reshape(B, Hq, S * c, -1).to(work), values], 2)
                 ok = (sel[:, :, i] >= 0)[..., None].expand(B, Hq, S, c).reshape(B, Hq, 1, S * c)
                 own_ok = (mask if mask is not None else torch.ones(L, P, dtype=torch.bool, device=dev))
                 if bool(ok.all()):  # one mask for every head
@@ -338,7 +340,7 @@ class LayerState:
                 else:
                     mask = torch.cat([ok.expand(B, Hq, L, S * c), own_ok.expand(B, Hq, L, P)], 3)
             # One softmax over the selected regions and the own block (a fused kernel: no [L, keys] scores kept).
-            out = F.scaled_dot_product_attention(qi.float(), keys, values, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(qi.to(work), keys, values, attn_mask=mask, scale=self.scale)
             outs.append(out.to(qi.dtype))
         return outs
 
