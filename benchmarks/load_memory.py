@@ -54,6 +54,7 @@ def rank_main(args) -> None:
     import torch.distributed as dist
 
     from ds_msattn.lora import apply_reduced_lora
+    from ds_msattn.parallel.exit import exit_rank
     from ds_msattn.parallel.zero import loading_allocator, partitioned_loading, partitioned_peft_copies
 
     stages = {"start": peak_rss_mib()}
@@ -81,8 +82,7 @@ def rank_main(args) -> None:
               **{f"peak_{k}_mib": round(v, 1) for k, v in stages.items()}}
     print("RESULT " + json.dumps(record), flush=True)
     dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    exit_rank(0)
 
 
 def launch(args, zero_init: bool) -> list[dict]:

@@ -3,8 +3,9 @@
 Also `ds-msattn train --config F ...` and `deepspeed --num_gpus N --module ds_msattn.train --config F ...`
 (the launcher appends --local_rank). Flow: parse -> init distributed (gloo on CPU, NCCL on GPU, through
 DeepSpeed) -> build (model with the attention from `attention`, CRD-NTK rope, peft LoRA, DeepSpeed engine)
--> train -> checkpoint/export -> destroy the process group -> `os._exit` (gloo threads can abort a normal
-interpreter exit, so `main` never returns once distributed was initialised).
+-> train -> checkpoint/export -> `parallel.exit.exit_rank`: release DeepSpeed's shared-memory segment, destroy the
+process group, `os._exit` (gloo threads can abort a normal interpreter exit, so `main` never returns once
+distributed was initialised).
 
 Per optimizer step rank 0 appends `{"step", "loss", "lr", "tokens_per_s", ...}` to <output_dir>/metrics.jsonl
 (step counts from 1, loss is the mean token loss of the global batch) and writes TensorBoard scalars.
@@ -646,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-msattn train: error: {err}", file=sys.stderr)
         return 2
     default_distributed_env(local_rank)
-    import torch.distributed as dist
+    from .parallel.exit import exit_rank
 
     with captured_stdout():
         init_distributed(cfg)
@@ -662,15 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # after a failure a peer may be gone: tearing the group down could block on it, os._exit cannot
-        if dist.is_initialized() and code == 0:
-            dist.destroy_process_group()
-        mpi = sys.modules.get("mpi4py.MPI")  # launched by mpirun: finalise, or OpenMPI reports a failure
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-        os._exit(code)
+        exit_rank(code)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 RUNS.json is a list of ``[recipe, [--key=value, ...]]``; each entry is one ``ds_msattn.train.train`` run with its
 own output_dir (the first one's parallel.timeout_s applies to all). With ``--hang-test`` instead: join the group,
 then rank 1 stops itself (SIGSTOP, a hung peer) and rank 0 waits on it in a sequence-parallel group's collective
-(exit 3 once it raised). Exits 0 only if every run finished (the trainer's exit path: destroy the group, os._exit).
+(exit 3 once it raised). Exits 0 only if every run finished (the trainer's exit path, parallel.exit.exit_rank).
 """
 
 import json
@@ -47,6 +47,7 @@ def main() -> None:
         hang_test(float(args[1]))
     runs = json.loads(open(args[0]).read())
     from ds_msattn.config import load_config
+    from ds_msattn.parallel.exit import exit_rank
     from ds_msattn.train import default_distributed_env, init_distributed, train
 
     configs = [load_config(recipe, overrides) for recipe, overrides in runs]
@@ -62,11 +63,7 @@ def main() -> None:
     except BaseException:  # noqa: BLE001 - report, exit non-zero
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        dist.destroy_process_group()
-    os._exit(code)
+    exit_rank(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from subprocess_env import clean_env, free_port
 
+from ds_msattn.parallel.exit import shm_buffer_path
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -86,9 +88,13 @@ def test_resume_auto_reproduces_the_uninterrupted_losses_exactly(reference_run, 
 @pytest.mark.slow
 def test_two_ranks_match_the_single_process_run(reference_run, tmp_path):
     out = tmp_path / "dp2"
-    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+    port = free_port()
+    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", "--train.micro_batch_size=1",
           "--train.max_steps=2", "--checkpoint.save_final=false", "--positions.interval=2"], threads=1)
+    # both ranks unlinked the shared-memory all-reduce segment DeepSpeed's CPU comm op made (parallel/exit.py)
+    left = [p for p in (shm_buffer_path(r, "127.0.0.1", str(port)) for r in range(2)) if p.exists()]
+    assert not left, f"left in /dev/shm: {left}"
     ref, got = _metrics(reference_run)[:2], _metrics(out)
     assert [r["step"] for r in got] == [1, 2]
     assert [r["tokens"] for r in got] == [2048, 2048]

@@ -36,8 +36,8 @@ state = gathered_state_dict(model, dist.get_rank())
 if dist.get_rank() == 0:
     torch.save(state, sys.argv[4])
 dist.barrier()
-dist.destroy_process_group()
-os._exit(0)
+from ds_msattn.parallel.exit import exit_rank
+exit_rank(0)
 """
 
 

@@ -87,8 +87,8 @@ if dist.get_rank() == 0:
     Path = __import__("pathlib").Path
     Path(out).write_text(json.dumps(summary))
 dist.barrier()
-dist.destroy_process_group()
-os._exit(0)
+from ds_msattn.parallel.exit import exit_rank
+exit_rank(0)
 """
 
 
