@@ -31,6 +31,8 @@ import pytest
 from subprocess_env import clean_env, free_port
 from test_sp_train import SGD, _ds_json
 
+from ds_msattn.parallel.exit import shm_buffer_path
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "ds_configs" / "recipes" / "tiny.yaml")
 VENV_BIN = Path(sys.executable).parent
@@ -91,10 +93,10 @@ def _copy_checkpoint(src: Path, step: int, dst: Path) -> Path:
 
 
 def _killed_by_launcher(tmp: Path) -> dict:
-    out, log = tmp / "K", tmp / "K.log"
+    out, log, port = tmp / "K", tmp / "K.log", free_port()
     with log.open("w") as f:
         launcher = subprocess.Popen(
-            [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+            [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
              "ds_msattn.train", "--config", RECIPE, f"--output_dir={out}", *COMMON, *TWO, "--parallel.timeout_s=60"],
             cwd=ROOT, env=clean_env(1), stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -112,7 +114,9 @@ def _killed_by_launcher(tmp: Path) -> dict:
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    return {"code": code, "launcher_s": launcher_s, "rank0_gone": bool(gone), "out": out, "log": _log(log)}
+    left = [p for p in (shm_buffer_path(r, "127.0.0.1", str(port)) for r in (0, 1)) if p.exists()]
+    return {"code": code, "launcher_s": launcher_s, "rank0_gone": bool(gone), "out": out, "log": _log(log),
+            "shm_left": left}
 
 
 def _hung_peer(tmp: Path) -> dict:
@@ -186,6 +190,7 @@ def test_a_killed_rank_ends_the_launcher_and_its_peer_non_zero_within_seconds(ru
     assert k["code"] not in (0, None), k["log"]
     assert k["launcher_s"] < 30, f"launcher exited {k['launcher_s']:.1f} s after the kill"
     assert k["rank0_gone"], "rank 0 outlived the launcher"
+    assert not k["shm_left"], f"the surviving rank left DeepSpeed's shared memory behind: {k['shm_left']}"
     steps = runs["K_steps"]
     assert steps[:2] == [1, 2] and 4 not in steps, steps  # killed mid-run, after the step-2 checkpoint
     print(f"lost rank: launcher exit code {k['code']} after {k['launcher_s']:.2f} s")

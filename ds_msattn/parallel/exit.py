@@ -4,7 +4,7 @@ gloo's threads can abort an ordinary interpreter exit, so ranks end with ``os._e
 gone. DeepSpeed's CPU communication op (``deepspeed/ops/csrc/cpu/comm/shm.cpp``), built whenever every rank of the
 job is on one host, creates one shared-memory all-reduce segment per rank,
 ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (69 MB), and never unlinks it:
-without :func:`release_shm_buffer` every local multi-rank run left ``69 MB x ranks`` of RAM in ``/dev/shm`` until
+without :func:`exit_rank` every local multi-rank run left ``69 MB x ranks`` of RAM in ``/dev/shm`` until
 the next reboot (64 such files, 4.3 GiB, had piled up on this project's 2-core machine).
 """
 
@@ -36,15 +36,17 @@ def release_shm_buffer(rank: int) -> bool:
 
 
 def exit_rank(code: int) -> NoReturn:
-    """End this rank: flush, release its shared-memory segment, destroy the process group (only after success:
+    """End this rank: flush, release the job's shared-memory segments (its own and its peers': names only, every
+    rank mapped them at start-up; a peer killed by a signal leaves its own behind otherwise), destroy the process group (only after success:
     after a failure a peer may be gone and the teardown could block on it), finalise MPI if mpirun started us, and
     ``os._exit(code)``."""
     import torch.distributed as dist
 
     sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_initialized():
-        release_shm_buffer(dist.get_rank())
+    if dist.is_initialized():  # every rank's segment: a peer killed by a signal cannot remove its own
+        for rank in range(dist.get_world_size()):
+            release_shm_buffer(rank)
         if code == 0:
             dist.destroy_process_group()
     mpi = sys.modules.get("mpi4py.MPI")  # launched by mpirun: finalise, or OpenMPI reports a failure
