@@ -349,7 +349,7 @@ class LayerState:
         cfg = self.cfg
         c, m = cfg.region_size, cfg.merge
         Hkv = self.store["kbar0"].inner[2]
-        qs = self._summary_keys(q, start).float()
+        qs = self._summary_keys(q, start)
         if not per_region:  # one decoded token: its own query
             return ranking_queries(qs, Hkv, cfg.options)[:, :, :, None]  # [B, Hs, 1, 1, D]
         qbar = ranking_queries(region_means(qs, c), Hkv, cfg.options)  # [B, Hs, R, D]
