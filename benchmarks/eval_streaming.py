@@ -229,7 +229,7 @@ def report() -> None:
     lines += ["", "Commands: `python benchmarks/eval_streaming.py passkey --lengths L --trials N --heavy /work/shared/bin/heavy`, "
               "`python benchmarks/eval_streaming.py ppl --tokens N ...`, `python benchmarks/eval_streaming.py report`.", ""]
     (RESULTS / "eval_streaming.md").write_text("\n".join(lines))
-    (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=SETUP | {"scales": list(SETUP["scales"])},
+    (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=_describe(SETUP),
                                                                  passkey=pk, ppl=pp), indent=1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     groups = sorted({g[:3] for g in by_len})

@@ -15,6 +15,14 @@ def clean_env(threads: int) -> dict:
     return env
 
 
+def shm_left(port: int, world: int) -> list[Path]:
+    """DeepSpeed shared-memory all-reduce segments of a local job on ``port`` still in /dev/shm (none after
+    ``ds_msattn.parallel.exit.exit_rank``)."""
+    from ds_msattn.parallel.exit import shm_buffer_path
+
+    return [p for p in (shm_buffer_path(r, "127.0.0.1", str(port)) for r in range(world)) if p.exists()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

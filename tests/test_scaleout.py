@@ -28,10 +28,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from subprocess_env import clean_env, free_port
+from subprocess_env import clean_env, free_port, shm_left
 from test_sp_train import SGD, _ds_json
-
-from ds_msattn.parallel.exit import shm_buffer_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "ds_configs" / "recipes" / "tiny.yaml")
@@ -114,7 +112,7 @@ def _killed_by_launcher(tmp: Path) -> dict:
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    left = [p for p in (shm_buffer_path(r, "127.0.0.1", str(port)) for r in (0, 1)) if p.exists()]
+    left = shm_left(port, 2)
     return {"code": code, "launcher_s": launcher_s, "rank0_gone": bool(gone), "out": out, "log": _log(log),
             "shm_left": left}
 

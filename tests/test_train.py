@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from subprocess_env import clean_env, free_port
-
-from ds_msattn.parallel.exit import shm_buffer_path
+from subprocess_env import clean_env, free_port, shm_left
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "ds_configs" / "recipes" / "tiny.yaml"
@@ -93,7 +91,7 @@ def test_two_ranks_match_the_single_process_run(reference_run, tmp_path):
           "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}", "--train.micro_batch_size=1",
           "--train.max_steps=2", "--checkpoint.save_final=false", "--positions.interval=2"], threads=1)
     # both ranks unlinked the shared-memory all-reduce segment DeepSpeed's CPU comm op made (parallel/exit.py)
-    left = [p for p in (shm_buffer_path(r, "127.0.0.1", str(port)) for r in range(2)) if p.exists()]
+    left = shm_left(port, 2)
     assert not left, f"left in /dev/shm: {left}"
     ref, got = _metrics(reference_run)[:2], _metrics(out)
     assert [r["step"] for r in got] == [1, 2]
