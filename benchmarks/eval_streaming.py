@@ -128,7 +128,6 @@ def trial_ppl(tokens: int, segment: int, out: Path, setup: dict) -> None:
             print(f"ppl: {progress[-1]}", file=sys.stderr, flush=True)
 
     chunks = (ids[a : a + SETUP["chunk"]] for a in range(0, n, SETUP["chunk"]))
-    del ids
     res = runner.run(chunks, log=None, segment_tokens=segment, on_chunk=on_chunk, planned_tokens=n,
                      on_segment=segments.append)
     rec = dict(kind="ppl", tokens=n, works=len(names), segment=segment, ppl=res["ppl"], segments=res["segments"],

@@ -22,6 +22,10 @@ import yaml
 from .attention.options import MODEL_OPTIONS, make_options
 from .attention.s2 import DEFAULT_GROUP_RATIO, check_shifted_params
 
+#: parameter dtypes of a model, in training and evaluation (names of torch dtypes; bfloat16: AMX or AVX512-BF16
+#: CPUs and GPUs run its matmuls several times faster)
+MODEL_DTYPES = ("float32", "bfloat16")
+
 #: Attention implementations of the shifted family (ds_msattn.hf_shifted): training attentions, dense at eval.
 SHIFTED_IMPLEMENTATIONS = ("s2_attention", "sf_attention")
 
@@ -52,7 +56,7 @@ class ModelConfig:
     """Seed for the random initialisation of a tiny model and of the LoRA weights."""
 
     def __post_init__(self):
-        _check_choice("model.dtype", self.dtype, {"float32", "bfloat16"})
+        _check_choice("model.dtype", self.dtype, set(MODEL_DTYPES))
         if not self.name:
             raise ValueError("model.name must be 'tiny', a model alias or a directory, got ''")
 

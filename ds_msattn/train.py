@@ -112,7 +112,7 @@ def build_model(cfg: RunConfig, ds_config: dict | None = None) -> torch.nn.Modul
     """
     from .parallel.zero import partitioned_empty_build, partitioned_loading
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dtype = getattr(torch, cfg.model.dtype)
     impl = cfg.attention.implementation
     ms = cfg.attention.ms_attention_dict()
     # s2_attention / sf_attention read their parameters from config.shifted_attention (ds_msattn.hf_shifted)

@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 
 from ds_msattn.attention.options import FAR_POSITIONS, MODEL_OPTIONS, SCORES, SELECT_PER
+from ds_msattn.config import MODEL_DTYPES
 from ds_msattn.logs import OneLineArgumentParser, run_command, say
+
+from .loading import ROPE_MODES
 
 
 def _ints(text: str) -> list[int]:
@@ -46,8 +49,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--far-group", type=int, default=None, help="G of grouped")
     p.add_argument("--score", default=None, choices=list(SCORES), help="region summaries: rope or position_free")
     p.add_argument("--select-per", default=None, choices=list(SELECT_PER), help="one selection per head or kv_group")
-    p.add_argument("--rope", default="none", choices=["none", "dynamic", "crd-ntk"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--rope", default="none", choices=list(ROPE_MODES))
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES),
                    help="model weights and activations (bfloat16: several times faster on CPUs with AMX)")
     p.add_argument("--rope-factor", type=float, default=4.0, help="NTK alpha for dynamic / crd-ntk")
     p.add_argument("--rope-length", type=int, default=None,

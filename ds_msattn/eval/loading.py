@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds_msattn.config import MODEL_DTYPES
+
 ROPE_MODES = ("none", "dynamic", "crd-ntk")
-#: model dtypes of evaluation (bfloat16: AMX or AVX512-BF16 CPUs and GPUs run its matmuls several times faster)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 ATTENTIONS = ("sdpa", "ms_attention", "eager", "esa_attention")
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .passkey import FILLER, KEY_SENTENCE, QUESTION, first_integer, passkey_keys, score
+from .recursive import COARSE_SCORES, RecursiveConfig, RecursiveRunner
+from .store import STORE_DTYPES
 
 
 def add_stream_args(sub, model_args) -> None:
@@ -39,9 +41,9 @@ def add_stream_args(sub, model_args) -> None:
                     help="regions per summary at each level, 1 first, e.g. 1,16,256")
     st.add_argument("--beam", "--summary-slots", dest="beam", type=int, default=32,
                     help="summaries kept per coarse level")
-    st.add_argument("--coarse-score", default="bound", choices=["bound", "mean"],
+    st.add_argument("--coarse-score", default="bound", choices=list(COARSE_SCORES),
                     help="coarse groups scored by an upper bound of their regions' scores (default) or by their mean")
-    st.add_argument("--store-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    st.add_argument("--store-dtype", default=None, choices=sorted(STORE_DTYPES),
                     help="dtype of the stored k and v (default: the model's)")
     st.add_argument("--store-memory-gib", type=float, default=4.0, help="host memory of the store before disk")
     st.add_argument("--store-dir", default=None, help="directory for the store's files (default: the temp dir)")
@@ -101,7 +103,6 @@ def joined_ids(tokenizer, texts: dict[str, str], max_tokens: int | None) -> tupl
 def run_stream(args, model, tokenizer, spec, texts, log) -> dict:
     """The ``stream`` task -> report fields (config, results; passkey trials or NLL per segment)."""
     from .loading import prepare_length
-    from .recursive import RecursiveConfig, RecursiveRunner
 
     cfg = RecursiveConfig(**spec.ms_params, chunk=args.chunk, window_regions=args.window_regions,
                           local_regions=args.local_regions, scales=tuple(args.scales), beam=args.beam,
