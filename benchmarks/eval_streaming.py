@@ -6,7 +6,7 @@ stopped. ``--heavy CMD`` runs each trial through that queue command (e.g. ``/wor
 lock is held one trial at a time. ``report`` gathers the files into ``eval_streaming.{md,json,png}``.
 
     python benchmarks/eval_streaming.py passkey --lengths 32768,131072 --trials 5 [--heavy /work/shared/bin/heavy]
-    python benchmarks/eval_streaming.py ppl --tokens 1500000 [--heavy ...]
+    python benchmarks/eval_streaming.py ppl --tokens 1500000 [--heavy ...]   # then its control (--native-window)
     python benchmarks/eval_streaming.py report
 
 Set-up (``SETUP``): MS c=16 K=64 m=16 s=1 with the streaming runner (window 64 regions, summary scales 1, 16, 256
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -113,7 +114,7 @@ def trial_ppl(tokens: int, segment: int, out: Path, setup: dict) -> None:
     from ds_msattn.eval.stream import joined_ids
 
     tok, model, runner = _load(setup)
-    ids, names = joined_ids(tok, corpus_texts("shakespeare"), tokens)
+    ids, works = joined_ids(tok, corpus_texts("shakespeare"), tokens)
     rss_loaded = _rss_now_mib()
     n = int(ids.shape[0])
     partial = out.with_suffix(".partial.json")
@@ -130,7 +131,7 @@ def trial_ppl(tokens: int, segment: int, out: Path, setup: dict) -> None:
     chunks = (ids[a : a + SETUP["chunk"]] for a in range(0, n, SETUP["chunk"]))
     res = runner.run(chunks, log=None, segment_tokens=segment, on_chunk=on_chunk, planned_tokens=n,
                      on_segment=segments.append)
-    rec = dict(kind="ppl", tokens=n, works=len(names), segment=segment, ppl=res["ppl"], segments=res["segments"],
+    rec = dict(kind="ppl", tokens=n, works=works, segment=segment, ppl=res["ppl"], segments=res["segments"],
                peak_rss_mib=round(_peak_rss_mib(), 1), rss_after_load_mib=round(rss_loaded, 1),
                store_disk_gib=round(res["store_bytes"]["disk"] / 2**30, 3),
                prefill_tokens_per_s=res["prefill_tokens_per_s"], seconds=res["seconds"], progress=progress,
@@ -139,6 +140,53 @@ def trial_ppl(tokens: int, segment: int, out: Path, setup: dict) -> None:
     out.write_text(json.dumps(rec, indent=1))
     partial.unlink(missing_ok=True)
     print(json.dumps({k: v for k, v in rec.items() if k not in ("progress", "setup", "segments")}), flush=True)
+
+
+def trial_native(tokens: int, segment: int, window: int, out: Path, dtype: str) -> None:
+    """The control of the perplexity curve: the same tokens read by the dense model in independent windows of
+    ``window`` tokens (its native range), NLL per segment like the streaming runner's. A segment's ppl here is
+    how hard its text is; the streaming ppl divided by it is what the long streamed context adds or costs."""
+    import torch
+    import torch.nn.functional as F
+
+    from ds_msattn.corpora import corpus_texts
+    from ds_msattn.eval.loading import EvalModelSpec, load_eval_model
+    from ds_msattn.eval.stream import joined_ids
+    from ds_msattn.models import load_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    tok = load_tokenizer("smollm2")
+    model = load_eval_model(EvalModelSpec(model="smollm2", attention="sdpa", rope="none", dtype=dtype))
+    ids, works = joined_ids(tok, corpus_texts("shakespeare"), tokens)
+    n = int(ids.shape[0])
+    head = model.get_output_embeddings()
+    sums = torch.zeros(math.ceil(n / segment), dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a in range(0, n, window):
+            x = ids[a : a + window]
+            hidden = model.model(input_ids=x[None]).last_hidden_state[0]
+            for b in range(0, x.shape[0] - 1, 256):  # targets a+b+1.. (a window's first token has no context: unscored)
+                e = min(x.shape[0] - 1, b + 256)
+                nll = F.cross_entropy(head(hidden[b:e]).float(), x[b + 1 : e + 1], reduction="none").double()
+                seg = torch.arange(a + b + 1, a + e + 1) // segment
+                sums.index_add_(0, seg, nll)
+                counts.index_add_(0, seg, torch.ones_like(nll))
+            if (a // window) % 16 == 0:
+                print(f"native: {a + x.shape[0]} tokens, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    segs = [dict(start=i * segment, tokens=int(c), nll=float(sm / c), ppl=math.exp(float(sm / c)))
+            for i, (sm, c) in enumerate(zip(sums.tolist(), counts.tolist())) if c]
+    rec = dict(kind="ppl_native", tokens=n, window=window, works=works, segment=segment, segments=segs,
+               ppl=math.exp(float(sums.sum() / counts.sum())), seconds=round(time.perf_counter() - t0, 1),
+               tokens_per_s=round(n / (time.perf_counter() - t0), 1), model_dtype=dtype)
+    out.write_text(json.dumps(rec, indent=1))
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("works", "segments")}), flush=True)
+
+
+def _work_at(works: list[dict], start: int) -> str:
+    """Name of the work the token ``start`` belongs to."""
+    return [w["name"] for w in works if w["start"] <= start][-1]
 
 
 TRIALS_PER: dict[int, int] = {}
@@ -166,6 +214,7 @@ def report() -> None:
     partials = {p.name: json.loads(p.read_text()) for p in TRIALS.glob("*.partial.json")}
     pk = sorted([r for r in recs if r["kind"] == "passkey"], key=lambda r: (r["length"], r["trial"]))
     pp = [r for r in recs if r["kind"] == "ppl"]
+    native = {(r["tokens"], r["model_dtype"]): r for r in recs if r["kind"] == "ppl_native"}
     import torch
     import transformers
 
@@ -208,15 +257,37 @@ def report() -> None:
     lines += [f"| {' | '.join(_group(r))} | {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | "
               f"{r['passed']} |" for r in sorted(pk, key=lambda r: (_group(r), r["length"], r["trial"]))]
     if pp:
-        lines += ["", "## Perplexity per 32K segment over the joined corpus", ""]
+        lines += ["", "## Perplexity per 32K segment over the joined corpus", "",
+                  "Works in name order, each after a blank line. Native control: the same tokens read by the dense model "
+                  "in independent windows of its native length (a window's first token unscored): how hard each "
+                  "segment's text is. Stream / native below 1: the streamed context helps; the last column normalises "
+                  "that ratio by the first segment's, so text difficulty cancels and what remains is the position.", ""]
         for r in pp:
             first = r["segments"][0]["ppl"]
             worst = max(r["segments"], key=lambda x: x["ppl"])
+            ctl = native.get((r["tokens"], _group(r)[0]))
             lines += [f"{' '.join(_group(r)[:2])}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
                       f"{r['store_disk_gib']:.2f} GiB, {r['prefill_tokens_per_s']:.0f} tokens/s; first segment "
-                      f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first).",
-                      "", "| segment start | tokens | ppl | ratio to first |", "| --- | --- | --- | --- |"]
-            lines += [f"| {g['start']} | {g['tokens']} | {g['ppl']:.2f} | {g['ppl'] / first:.2f} |" for g in r["segments"]]
+                      f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first)."]
+            works = r["works"] if isinstance(r["works"], list) else None
+            head = "| segment start | work there | tokens | ppl | ratio to first |"
+            if ctl:
+                cseg = {g["start"]: g["ppl"] for g in ctl["segments"]}
+                rel = [g["ppl"] / cseg[g["start"]] for g in r["segments"]]
+                norm = [x / rel[0] for x in rel]
+                j = max(range(len(norm)), key=norm.__getitem__)
+                lines += ["", f"Native control (windows of {ctl['window']} tokens, {ctl['tokens_per_s']:.0f} tokens/s): "
+                              f"overall ppl {ctl['ppl']:.2f}. Stream / native: first segment {rel[0]:.3f}, worst "
+                              f"{rel[j]:.3f} at {r['segments'][j]['start']} (**{norm[j]:.2f}x the first**); mean "
+                              f"{sum(rel) / len(rel):.3f}."]
+                head += " native ppl | stream / native | normalised to first |"
+            lines += ["", head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
+            for i, g in enumerate(r["segments"]):
+                row = (f"| {g['start']} | {_work_at(works, g['start']) if works else ''} | {g['tokens']} | {g['ppl']:.2f} | "
+                       f"{g['ppl'] / first:.2f} |")
+                if ctl:
+                    row += f" {cseg[g['start']]:.2f} | {rel[i]:.3f} | {norm[i]:.2f} |"
+                lines.append(row)
     for name, p in partials.items():
         lines += ["", f"Unfinished (still running or stopped): {name}: reached {p['progress'][-1] if p['progress'] else 'nothing'} "
                       f"of {p['tokens']} tokens."]
@@ -228,8 +299,8 @@ def report() -> None:
     lines += ["", "Commands: `python benchmarks/eval_streaming.py passkey --lengths L --trials N --heavy /work/shared/bin/heavy`, "
               "`python benchmarks/eval_streaming.py ppl --tokens N ...`, `python benchmarks/eval_streaming.py report`.", ""]
     (RESULTS / "eval_streaming.md").write_text("\n".join(lines))
-    (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=_describe(SETUP),
-                                                                 passkey=pk, ppl=pp), indent=1))
+    (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=_describe(SETUP), passkey=pk, ppl=pp,
+                                                                 ppl_native=list(native.values())), indent=1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     groups = sorted({g[:3] for g in by_len})
     if groups:
@@ -254,7 +325,12 @@ def report() -> None:
         ax.legend(fontsize=7)
         ax.set_title("memory and disk")
     for r in pp:
-        axes[2].plot([g["start"] / 1024 for g in r["segments"]], [g["ppl"] for g in r["segments"]], ".-")
+        axes[2].plot([g["start"] / 1024 for g in r["segments"]], [g["ppl"] for g in r["segments"]], ".-", label="stream")
+        ctl = native.get((r["tokens"], _group(r)[0]))
+        if ctl:
+            axes[2].plot([g["start"] / 1024 for g in ctl["segments"]], [g["ppl"] for g in ctl["segments"]], ".:",
+                         label=f"dense, windows of {ctl['window']}")
+            axes[2].legend(fontsize=7)
         axes[2].set_xlabel("segment start (K tokens)")
         axes[2].set_title("perplexity per 32K segment")
     fig.tight_layout()
@@ -274,6 +350,8 @@ def main() -> int:
     q = sub.add_parser("ppl")
     q.add_argument("--tokens", type=int, default=1_500_000)
     q.add_argument("--segment", type=int, default=32768)
+    q.add_argument("--native-window", type=int, default=8192,
+                   help="the control: the dense model over the same tokens in windows of this many (0: none)")
     q.add_argument("--heavy", default=None)
     t = sub.add_parser("trial")
     t.add_argument("--kind", required=True)
@@ -282,6 +360,7 @@ def main() -> int:
     t.add_argument("--trials", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--segment", type=int, default=32768)
+    t.add_argument("--window", type=int, default=8192)
     t.add_argument("--out", required=True)
     for x in (p, q, t):
         x.add_argument("--coarse-score", default=SETUP["coarse_score"], choices=list(PREFIX),
@@ -298,6 +377,8 @@ def main() -> int:
         TRIALS_PER[a.length] = a.trials
         if a.kind == "passkey":
             trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score, a.dtype))
+        elif a.kind == "native":
+            trial_native(a.length, a.segment, a.window, Path(a.out), a.dtype)
         else:
             trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score, a.dtype))
         return 0
@@ -321,6 +402,10 @@ def main() -> int:
     if not out.exists():
         _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out),
                          "--coarse-score", a.coarse_score, "--dtype", a.dtype])
+    ctl = TRIALS / f"{DTYPE_PREFIX[a.dtype]}ppl-native{a.native_window}-{a.tokens}.json"
+    if a.native_window and not ctl.exists():
+        _spawn(a.heavy, ["trial", "--kind", "native", "--length", str(a.tokens), "--segment", str(a.segment),
+                         "--window", str(a.native_window), "--out", str(ctl), "--dtype", a.dtype])
     report()
     return 0
 

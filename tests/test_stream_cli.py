@@ -44,7 +44,23 @@ def test_stream_cli_passkey_and_text(tiny_dir, tmp_path):  # noqa: F811
     rep = json.loads(out.read_text())
     assert rep["stream"]["coarse_score"] == "mean"
     assert rep["tokens"] > 500 and len(rep["new_tokens"]) == 3 and len(rep["segments"]) == -(-rep["tokens"] // 256)
+    assert rep["documents"] == [{"name": "doc", "start": 0}]
     assert not any((tmp_path / "store").iterdir())  # the store's files are gone
+
+
+def test_joined_ids_marks_where_each_work_starts(tiny_dir):  # noqa: F811
+    from ds_msattn.eval.stream import joined_ids
+    from ds_msattn.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir))
+    texts = {"a": "one two three", "b": "four five", "c": "six"}
+    each = [tok("\n\n" + t, add_special_tokens=False)["input_ids"] for t in texts.values()]
+    ids, works = joined_ids(tok, texts, None)
+    assert ids.tolist() == [i for e in each for i in e]
+    assert works == [{"name": "a", "start": 0}, {"name": "b", "start": len(each[0])},
+                     {"name": "c", "start": len(each[0]) + len(each[1])}]
+    ids, works = joined_ids(tok, texts, len(each[0]) + 1)  # stops at the work that reaches max_tokens
+    assert ids.shape[0] == len(each[0]) + 1 and [w["name"] for w in works] == ["a", "b"]
 
 
 def test_stream_cli_bad_store_dtype(tiny_dir, tmp_path):  # noqa: F811

@@ -87,17 +87,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def joined_ids(tokenizer, texts: dict[str, str], max_tokens: int | None) -> tuple[torch.Tensor, list[str]]:
-    """Texts in order, each after a blank line, tokenized and joined (at most ``max_tokens``) -> (ids, names used)."""
-    parts, names, total = [], [], 0
+def joined_ids(tokenizer, texts: dict[str, str], max_tokens: int | None) -> tuple[torch.Tensor, list[dict]]:
+    """Texts in order, each after a blank line, tokenized and joined (at most ``max_tokens``) -> (ids, the works
+    used: ``{"name", "start"}`` with the token offset where each begins)."""
+    parts, works, total = [], [], 0
     for name, text in texts.items():
         ids = tokenizer("\n\n" + text, add_special_tokens=False)["input_ids"]
         parts.append(torch.tensor(ids, dtype=torch.int32))
-        names.append(name)
+        works.append(dict(name=name, start=total))
         total += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break
-    return torch.cat(parts)[:max_tokens].long(), names
+    return torch.cat(parts)[:max_tokens].long(), works
 
 
 def run_stream(args, model, tokenizer, spec, texts, log) -> dict:
@@ -133,11 +134,11 @@ def run_stream(args, model, tokenizer, spec, texts, log) -> dict:
                              for L in args.passkey_lengths}
             out["trials"] = trials
         else:
-            ids, names = joined_ids(tokenizer, texts, args.max_tokens)
+            ids, works = joined_ids(tokenizer, texts, args.max_tokens)
             prepare_length(model, spec, int(ids.shape[0]))
             res = runner.run(ids, new_tokens=args.new_tokens, log=log, segment_tokens=args.segment_tokens)
             res["continuation"] = tokenizer.decode(res["new_tokens"])
-            out |= dict(documents=names, **res)
+            out |= dict(documents=works, **res)
         out["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     finally:
         runner.close()
