@@ -134,6 +134,18 @@ def test_compact_distances_stay_below_K_times_c():
     assert int((starts[0] + m * c - 1) - moved[0, 0, 0].min()) < K * c
 
 
+@pytest.mark.parametrize("far", ["exact", "compact", "capped", "grouped"])
+def test_per_region_shifts_broadcast_to_the_per_key_shifts(far):
+    c, m = 4, 2
+    sel = torch.tensor([[[[0, 3, 9, 17], [0, 1, -1, -1], [2, 5, 40, -1]]]])  # [1, 1, nb=3, S=4]
+    blocks = torch.tensor([12, 1, 30])
+    opts = MSOptions(far_positions=far, far_window=24, far_group=3)
+    per_key = key_shifts(sel, blocks, region_size=c, merge=m, options=opts)
+    per_region = key_shifts(sel, blocks, region_size=c, merge=m, options=opts, per_region=True)
+    assert per_region.shape[-1] == (1 if far in ("exact", "compact") else c)
+    assert torch.equal(per_region.expand_as(per_key), per_key)
+
+
 def test_grouped_and_capped_positions_follow_the_definition():
     start = torch.tensor(100)
     p = torch.arange(0, 100)

@@ -155,17 +155,20 @@ def moved_index(p: torch.Tensor, block_start: torch.Tensor, options: MSOptions) 
     raise ValueError(f"moved_index is for capped/grouped, got {options.far_positions!r}")
 
 
-def key_shifts(sel: torch.Tensor, blocks: torch.Tensor, *, region_size: int, merge: int, options: MSOptions) -> torch.Tensor:
+def key_shifts(sel: torch.Tensor, blocks: torch.Tensor, *, region_size: int, merge: int, options: MSOptions,
+               per_region: bool = False) -> torch.Tensor:
     """``p' - p`` of every selected key: ``sel [..., nb, S]`` (ascending, -1 padded at the end) -> ``[..., nb, S, c]``.
 
     ``blocks [nb]`` are the global block ids of the rows (block b starts at ``b * m * c``). Entries of -1
-    slots are 0.
+    slots are 0. ``exact`` and ``compact`` move a region's c keys by one shift: with ``per_region`` they give
+    ``[..., nb, S, 1]`` (it broadcasts over the region's tokens, and a rotation forms c times fewer angles);
+    ``capped`` and ``grouped`` stay per key.
     """
     c = region_size
     valid = sel >= 0
     block_start = (blocks * (merge * c)).view(*([1] * (sel.dim() - 2)), -1, 1, 1)  # [..., nb, 1, 1]
-    u = torch.arange(c, device=sel.device)
-    p = sel.clamp(min=0)[..., None] * c + u  # [..., nb, S, c]
+    u = torch.arange(1 if per_region and options.far_positions in ("exact", "compact") else c, device=sel.device)
+    p = sel.clamp(min=0)[..., None] * c + u  # [..., nb, S, c] (or [..., nb, S, 1]: a region's first key)
     if options.far_positions == "exact":
         return torch.zeros_like(p)
     if options.far_positions == "compact":

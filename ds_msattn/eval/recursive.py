@@ -320,7 +320,7 @@ class LayerState:
             hv = _take(st["v"].read(layer, union.cpu()).to(dev), pos, kv_head)
             if cfg.options.moves_keys:
                 shift = key_shifts(sel, torch.tensor(blocks, device=dev), region_size=c, merge=cfg.merge,
-                                   options=cfg.options)  # [B, Hq, nb, S, c]
+                                   options=cfg.options, per_region=True)  # [B, Hq, nb, S, c or 1]
                 hk = rotate(hk.float(), shift, self.inv_freq.to(dev))
         # fp32 attention for fp32 and fp16 models; a bf16 model attends in bf16 (its own dtype: AMX on CPUs)
         work = torch.bfloat16 if q[0].dtype == torch.bfloat16 else torch.float32
