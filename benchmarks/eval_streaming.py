@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 RESULTS = ROOT / "results"
 TRIALS = RESULTS / "eval_streaming"
-SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=0,
+SETUP = dict(region_size=16, top_k=64, merge=16, sink_regions=1, chunk=1024, window_regions=64, local_regions=16,
              scales=(1, 16, 256), beam=32, far_positions="compact", score="position_free", select_per="head",
              store_dtype="float16", store_memory_gib=0.0, coarse_score="bound", model_dtype="float32")
 #: trial-file prefix of each coarse_score (the runner's candidate search; "" for the first one measured) and model
@@ -39,12 +39,14 @@ PREFIX = {"mean": "", "bound": "bound-"}
 DTYPE_PREFIX = {"float32": "", "bfloat16": "bf16-"}
 
 
-def _setup(coarse: str, dtype: str) -> dict:
-    return SETUP | {"coarse_score": coarse, "model_dtype": dtype}
+def _setup(coarse: str, dtype: str, local: int) -> dict:
+    return SETUP | {"coarse_score": coarse, "model_dtype": dtype, "local_regions": local}
 
 
-def _prefix(coarse: str, dtype: str) -> str:
-    return PREFIX[coarse] + DTYPE_PREFIX[dtype]
+def _prefix(coarse: str, dtype: str, local: int) -> str:
+    """Trial-file prefix; ``local{n}-`` first when the runner always attends n recent regions (the files of the
+    trials run before that option was the benchmark's default have no such prefix: local_regions 0)."""
+    return (f"local{local}-" if local else "") + PREFIX[coarse] + DTYPE_PREFIX[dtype]
 
 
 def _describe(setup: dict) -> dict:
@@ -190,10 +192,12 @@ def _spawn(heavy: str | None, args: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def _group(rec: dict) -> tuple[str, str, str]:
-    """(model dtype, coarse score, store reads) of a trial record (records from before these existed: float32,
-    mean, mmap)."""
-    return rec["setup"].get("model_dtype", "float32"), rec["setup"].get("coarse_score", "mean"), rec.get("store_io", "mmap")
+def _group(rec: dict) -> tuple[str, str, str, str]:
+    """(model dtype, coarse score, local regions, store reads) of a trial record, as strings (records from before
+    these existed: float32, mean, 0, mmap)."""
+    s = rec["setup"]
+    return (s.get("model_dtype", "float32"), s.get("coarse_score", "mean"), str(s.get("local_regions", 0)),
+            rec.get("store_io", "mmap"))
 
 
 def report() -> None:
@@ -225,14 +229,14 @@ def report() -> None:
              "elementwise max and min of their summaries). Store reads: `mmap` for trials run before the store read its "
              "files with preadv (their RSS counts mapped store pages), `preadv` after.", "",
              "## Passkey (depths spread: trial i of n at a random depth in [i/n, (i+1)/n); 8 greedy tokens)", "",
-             "| model | coarse score | store reads | length | passed | peak RSS MiB (max over trials) | RSS after load MiB | "
+             "| model | coarse score | local regions | store reads | length | passed | peak RSS MiB (max over trials) | RSS after load MiB | "
              "store on disk GiB | prefill tokens/s (mean) | prefill s (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_len: dict[tuple, list[dict]] = {}
     for r in pk:
         by_len.setdefault(_group(r) + (r["length"],), []).append(r)
-    for (dt, coarse, io, L), rs in sorted(by_len.items()):
-        lines.append(f"| {dt} | {coarse} | {io} | {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
+    for (*g, L), rs in sorted(by_len.items()):
+        lines.append(f"| {' | '.join(g)} | {L} | {sum(r['passed'] for r in rs)}/{len(rs)} | {max(r['peak_rss_mib'] for r in rs):.0f} | "
                      f"{max(r['rss_after_load_mib'] for r in rs):.0f} | {max(r['store_disk_gib'] for r in rs):.2f} | "
                      f"{sum(r['prefill_tokens_per_s'] for r in rs) / len(rs):.0f} | "
                      f"{sum(r['prefill_seconds'] for r in rs) / len(rs):.0f} |")
@@ -244,8 +248,8 @@ def report() -> None:
             lines += ["", f"Time per {32 * s['chunk']} tokens along the longest trial ({longest['length']} tokens, trial "
                           f"{longest['trial']}): first {prog[0][2]} s, then {steps} s; RSS sampled at those points: "
                           f"{[p[1] for p in prog]} MiB."]
-    lines += ["", "| model | coarse score | store reads | length | trial | depth | key | generated | passed |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | coarse score | local regions | store reads | length | trial | depth | key | generated | passed |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {' | '.join(_group(r))} | {r['length']} | {r['trial']} | {r['depth']} | {r['key']} | {r['generated']!r} | "
               f"{r['passed']} |" for r in sorted(pk, key=lambda r: (_group(r), r["length"], r["trial"]))]
     if pp:
@@ -258,7 +262,7 @@ def report() -> None:
             first = r["segments"][0]["ppl"]
             worst = max(r["segments"], key=lambda x: x["ppl"])
             ctl = native.get((r["tokens"], _group(r)[0]))
-            lines += [f"{' '.join(_group(r)[:2])}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
+            lines += [f"{' '.join(_group(r)[:2])}, local regions {_group(r)[2]}: {r['tokens']} tokens, overall ppl {r['ppl']:.2f}, peak RSS {r['peak_rss_mib']:.0f} MiB, store "
                       f"{r['store_disk_gib']:.2f} GiB, {r['prefill_tokens_per_s']:.0f} tokens/s; first segment "
                       f"{first:.2f}, worst segment {worst['ppl']:.2f} at {worst['start']} ({worst['ppl'] / first:.2f}x the first)."]
             works = r["works"] if isinstance(r["works"], list) else None
@@ -294,9 +298,9 @@ def report() -> None:
     (RESULTS / "eval_streaming.json").write_text(json.dumps(dict(setup=_describe(SETUP), passkey=pk, ppl=pp,
                                                                  ppl_native=list(native.values())), indent=1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    groups = sorted({g[:3] for g in by_len})
+    groups = sorted({g[:-1] for g in by_len})  # by_len keys: a trial's group, then its length
     if groups:
-        Ls = sorted({g[3] for g in by_len})
+        Ls = sorted({g[-1] for g in by_len})
         width = 0.8 / len(groups)
         ax = axes[1]
         for j, g in enumerate(groups):
@@ -309,7 +313,7 @@ def report() -> None:
         axes[0].set_ylim(0, 1)
         axes[0].legend(fontsize=7)
         axes[0].set_title("passkey accuracy")
-        disk = {L: max(r["store_disk_gib"] for g, rs in by_len.items() if g[3] == L for r in rs) for L in Ls}
+        disk = {L: max(r["store_disk_gib"] for g, rs in by_len.items() if g[-1] == L for r in rs) for L in Ls}
         ax.plot([L // 1024 for L in Ls], [1024 * disk[L] for L in Ls], "s--", label="store on disk MiB")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -359,6 +363,8 @@ def main() -> int:
                        help="the runner's coarse_score (trial files of 'bound' are prefixed 'bound-')")
         x.add_argument("--dtype", default=SETUP["model_dtype"], choices=list(DTYPE_PREFIX),
                        help="the model's dtype (trial files of bfloat16 are prefixed 'bf16-')")
+        x.add_argument("--local-regions", type=int, default=SETUP["local_regions"],
+                       help="recent regions always attended (trial files of n > 0 are prefixed 'local{n}-')")
     sub.add_parser("report")
     a = ap.parse_args()
     window = a.native_window if a.cmd == "ppl" else a.window if a.cmd == "trial" and a.kind == "native" else 0
@@ -371,32 +377,33 @@ def main() -> int:
     if a.cmd == "trial":
         TRIALS_PER[a.length] = a.trials
         if a.kind == "passkey":
-            trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score, a.dtype))
+            trial_passkey(a.length, a.trial, a.seed, Path(a.out), _setup(a.coarse_score, a.dtype, a.local_regions))
         elif a.kind == "native":
             trial_native(a.length, a.segment, a.window, Path(a.out), a.dtype)
         else:
-            trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score, a.dtype))
+            trial_ppl(a.length, a.segment, Path(a.out), _setup(a.coarse_score, a.dtype, a.local_regions))
         return 0
     if a.cmd == "passkey":
         lengths = [int(x) for x in a.lengths.split(",")]
         trials = [int(x) for x in a.trials.split(",")]
         trials = trials * len(lengths) if len(trials) == 1 else trials
-        pre = _prefix(a.coarse_score, a.dtype)
+        pre = _prefix(a.coarse_score, a.dtype, a.local_regions)
         todo = [(L, n, i) for L, n in zip(lengths, trials) for i in range(n)
                 if not (TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json").exists()]
         for L, n, i in todo[: a.max_new]:
             out = TRIALS / f"{pre}passkey-{L}-{i}-of-{n}.json"
             rc = _spawn(a.heavy, ["trial", "--kind", "passkey", "--length", str(L), "--trial", str(i), "--trials",
                                   str(n), "--seed", str(a.seed), "--out", str(out), "--coarse-score", a.coarse_score,
-                                  "--dtype", a.dtype])
+                                  "--dtype", a.dtype, "--local-regions", str(a.local_regions)])
             if rc:
                 print(f"trial {out.name} failed with exit code {rc}", flush=True)
         report()
         return 0
-    out = TRIALS / f"{_prefix(a.coarse_score, a.dtype)}ppl-{a.tokens}.json"
+    out = TRIALS / f"{_prefix(a.coarse_score, a.dtype, a.local_regions)}ppl-{a.tokens}.json"
     if not out.exists():
         _spawn(a.heavy, ["trial", "--kind", "ppl", "--length", str(a.tokens), "--segment", str(a.segment), "--out", str(out),
-                         "--coarse-score", a.coarse_score, "--dtype", a.dtype])
+                         "--coarse-score", a.coarse_score, "--dtype", a.dtype,
+                         "--local-regions", str(a.local_regions)])
     ctl = TRIALS / f"{DTYPE_PREFIX[a.dtype]}ppl-native{a.native_window}-{a.tokens}.json"
     if a.native_window and not ctl.exists():
         _spawn(a.heavy, ["trial", "--kind", "native", "--length", str(a.tokens), "--segment", str(a.segment),
