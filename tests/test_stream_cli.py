@@ -30,7 +30,7 @@ def test_stream_cli_passkey_and_text(tiny_dir, tmp_path):  # noqa: F811
     common = ["--model", str(tiny_dir), "--region-size", "4", "--top-k", "4", "--merge", "2", "--chunk", "32",
               "--window-regions", "4", "--scales", "1,2,8", "--beam", "2", "--far-positions", "compact",
               "--score", "position_free", "--store-memory-gib", "0", "--store-dtype", "float16",
-              "--store-dir", str(tmp_path / "store"), "--quiet"]
+              "--store-dir", str(tmp_path / "store"), "--local-regions", "1", "--quiet"]
     out = tmp_path / "pk.json"
     assert main(["stream", "--passkey-lengths", "300", "--trials", "2", "--output", str(out), *common]) == 0
     rep = json.loads(out.read_text())
@@ -38,6 +38,7 @@ def test_stream_cli_passkey_and_text(tiny_dir, tmp_path):  # noqa: F811
     assert all(t["store_disk_gib"] > 0 and t["prefill_tokens_per_s"] > 0 for t in rep["trials"])
     assert rep["stream"]["far_positions"] == "compact" and rep["stream"]["score"] == "position_free"
     assert rep["stream"]["coarse_score"] == "bound"  # the default
+    assert rep["stream"]["local_regions"] == 1
     out = tmp_path / "text.json"
     assert main(["stream", "--text-file", str(tiny_dir / "doc.txt"), "--segment-tokens", "256", "--new-tokens", "3",
                  "--coarse-score", "mean", "--output", str(out), *common]) == 0
@@ -69,3 +70,15 @@ def test_stream_cli_bad_store_dtype(tiny_dir, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit):
         main(["stream", "--model", str(tiny_dir), "--passkey-lengths", "300", "--store-dtype", "int8",
               "--output", str(tmp_path / "x.json")])
+
+
+def test_stream_cli_local_regions_beyond_budget(tiny_dir, tmp_path, capsys):  # noqa: F811
+    from ds_msattn.cli import main as ds_main
+
+    # the default --local-regions 16 does not fit top_k 4 - merge 2 - 1 sink: one line naming the limit
+    rc = ds_main(["eval", "stream", "--model", str(tiny_dir), "--passkey-lengths", "300", "--region-size", "4",
+                  "--top-k", "4", "--merge", "2", "--chunk", "32", "--window-regions", "4",
+                  "--output", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "local_regions must be in [0, top_k - merge - sinks] = [0, 1], got 16" in err
+    assert "Traceback" not in err

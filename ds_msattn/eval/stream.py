@@ -36,7 +36,8 @@ def add_stream_args(sub, model_args) -> None:
     st.add_argument("--segment-tokens", type=int, default=32768, help="NLL per segment of this many tokens")
     st.add_argument("--chunk", type=int, default=1024, help="tokens per chunk (multiple of merge*region_size)")
     st.add_argument("--window-regions", type=int, default=64, help="recent regions scored by their own summary")
-    st.add_argument("--local-regions", type=int, default=0, help="recent regions always attended")
+    st.add_argument("--local-regions", type=int, default=16,
+                    help="recent regions always attended, out of the top_k - merge budget (0: the paper's rule)")
     st.add_argument("--scales", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=(1, 16, 256),
                     help="regions per summary at each level, 1 first, e.g. 1,16,256")
     st.add_argument("--beam", "--summary-slots", dest="beam", type=int, default=32,
