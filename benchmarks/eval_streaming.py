@@ -367,6 +367,9 @@ def main() -> int:
                        help="recent regions always attended (trial files of n > 0 are prefixed 'local{n}-')")
     sub.add_parser("report")
     a = ap.parse_args()
+    from ds_msattn.logs import setup_logging
+
+    setup_logging()  # the libraries' progress bars and advisories stay out of the trial logs
     window = a.native_window if a.cmd == "ppl" else a.window if a.cmd == "trial" and a.kind == "native" else 0
     if window and a.segment % window:  # a native window must lie inside one segment
         ap.error(f"--segment ({a.segment}) must be a multiple of the native window ({window})")
