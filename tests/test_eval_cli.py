@@ -65,7 +65,7 @@ def test_recursive_cli(tiny_dir, tmp_path):
     out = tmp_path / "rec.json"
     assert main(["recursive", "--model", str(tiny_dir), "--text-file", str(tiny_dir / "doc.txt"), "--region-size", "4",
                  "--top-k", "4", "--merge", "2", "--chunk", "64", "--window-regions", "4", "--scales", "1,2",
-                 "--summary-slots", "4", "--new-tokens", "3", "--output", str(out), "--quiet"]) == 0
+                 "--summary-slots", "4", "--local-regions", "1", "--new-tokens", "3", "--output", str(out), "--quiet"]) == 0
     rep = json.loads(out.read_text())
     assert rep["tokens"] > 500 and len(rep["new_tokens"]) == 3 and math.isfinite(rep["ppl"])
 
