@@ -10,7 +10,7 @@ lock is held one trial at a time. ``report`` gathers the files into ``eval_strea
     python benchmarks/eval_streaming.py report
 
 Set-up (``SETUP``): MS c=16 K=64 m=16 s=1 with the streaming runner (window 64 regions, summary scales 1, 16, 256
-regions, beam 32), far_positions compact, score position_free, plain RoPE (every distance a query sees stays
+regions, beam 32, the last 16 regions always attended: ``--local-regions``), far_positions compact, score position_free, plain RoPE (every distance a query sees stays
 below K*c = 1024 tokens), chunk 1024, store in float16 on disk (no host-memory budget).
 """
 
