@@ -105,9 +105,10 @@ class RecursiveConfig:
         budget = self.top_k - self.merge
         if self.window_regions < budget:
             raise ValueError(f"window_regions must be >= top_k - merge = {budget}, got {self.window_regions}")
-        if not 0 <= self.local_regions <= budget - min(self.sink_regions, budget):
-            raise ValueError(f"local_regions must be in [0, top_k - merge - sinks] = "
-                             f"[0, {budget - min(self.sink_regions, budget)}], got {self.local_regions}")
+        most_local = budget - min(self.sink_regions, budget)
+        if not 0 <= self.local_regions <= most_local:
+            raise ValueError(f"local_regions must be in [0, top_k - merge - sinks] = [0, {most_local}], "
+                             f"got {self.local_regions}")
         scales = tuple(self.scales)
         if not scales or scales[0] != 1 or any(b % a or b <= a for a, b in zip(scales, scales[1:])):
             raise ValueError(f"scales must start at 1 and increase, each dividing the next, got {self.scales}")
