@@ -82,6 +82,13 @@ class LayerProgress:
     def set_unit_tokens(self, n: int | None) -> None:
         self.unit_tokens = n
 
+    def skip_unit(self) -> None:
+        """One unit needs no work (a passkey trial resumed from its file): it leaves the total, so the time left
+        is estimated from the units that run."""
+        self.bar.total -= 1
+        if hasattr(self.bar, "refresh"):  # tqdm redraws; LineProgress reads the total at its next line
+            self.bar.refresh()
+
     def _on_forward(self, _module, _args, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         if getattr(out, "dim", lambda: 0)() >= 2 and out.shape[1] > 1:

@@ -139,9 +139,16 @@ def test_passkey_cli_corpus_haystack_diagnose_and_resume(tiny_dir, tmp_path, mon
     for t in rep["trials"]:
         assert t["haystack"] == "corpus" and len(t["haystack_works"]) == passkey.HELD_OUT_WORKS
         assert 0.0 <= t["needle"]["prefill_recall"] <= 1.0 and len(t["needle"]["per_layer_prefill"]) == 2
-    # A rerun finds every trial in the file and runs none again.
+    # A rerun finds every trial in the file, runs none again, and its progress counts none of them as to run.
     monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: pytest.fail("trial rerun"))
+    from ds_msattn import progress
+
+    totals = []
+    real_skip = progress.LayerProgress.skip_unit
+    monkeypatch.setattr(progress.LayerProgress, "skip_unit",
+                        lambda self: (real_skip(self), totals.append(self.bar.total)))
     assert main(argv) == 0
+    assert totals == [1, 0]
     assert json.loads((tmp_path / "pk.json").read_text())["trials"] == rep["trials"]
 
 

@@ -76,3 +76,18 @@ def test_layer_progress_advances_per_prefill_layer_and_ignores_decoding():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("ppl at 32: 0.2/2 windows") and "left" in lines[0]  # a quarter: 1 of 4 layers
     assert lines[-1].startswith("ppl at 32: 2/2 windows") and "left" not in lines[-1]
+
+
+def test_a_skipped_unit_leaves_the_total_and_the_estimate():
+    """Resumed passkey trials need no work: the line counts and estimates only the units that run."""
+    model, clock, out = tiny_model(2).eval(), itertools.count(), io.StringIO()
+    bar = LineProgress(5, "passkey at 32", "trials", interval=1, stream=out, clock=lambda: float(next(clock)))
+    ticker = LayerProgress(bar, model.model.layers, unit_tokens=32)
+    for _ in range(3):
+        ticker.skip_unit()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 32)))
+    ticker.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("passkey at 32: 0.5/2 trials") and "left" in lines[0]
+    assert lines[-1].startswith("passkey at 32: 1/2 trials")

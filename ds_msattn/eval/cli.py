@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, max_new_tokens=args.max_new_tokens,
                               prepare=lambda n: (ticker.set_unit_tokens(n), prepare_length(model, spec, n)),
                               log=log, haystack=args.haystack,
-                              diagnose=args.diagnose, trials_file=args.trials_file)
+                              diagnose=args.diagnose, trials_file=args.trials_file,
+                              resumed=lambda _: ticker.skip_unit())
         finally:
             ticker.close()
         report.update(res)

@@ -149,7 +149,7 @@ def greedy_generate(model, input_ids: list[int] | torch.Tensor, max_new_tokens: 
 def run_passkey(
     model, tokenizer, *, lengths: list[int], depths: list[float] | None, trials: int, seed: int = 0,
     max_new_tokens: int = 8, prepare=None, log=print, haystack: str = "filler", diagnose: bool = False,
-    trials_file: str | Path | None = None,
+    trials_file: str | Path | None = None, resumed=None,
 ) -> dict:
     """Trials per length (and per depth; random depths when ``depths`` is None) -> results dict.
 
@@ -157,7 +157,8 @@ def run_passkey(
     offsets come from generators seeded by ``seed`` and the length, so rows of a table share their prompts.
     ``haystack``: ``filler`` or ``corpus``. ``diagnose`` adds the needle recall of each trial
     (:mod:`ds_msattn.eval.needle`; ms_attention only). ``trials_file`` (JSON lines): each finished trial is
-    appended as it ends, and trials already there (same length, depth, trial, key, haystack) are not run again.
+    appended as it ends, and trials already there (same length, depth, trial, key, haystack) are not run again;
+    ``resumed(record)`` is called for each of those.
     """
     import time
 
@@ -191,6 +192,8 @@ def run_passkey(
                 previous = done.get((length, round(depth, 4), trial, key, haystack))
                 if previous is not None:
                     records.append(previous)
+                    if resumed is not None:
+                        resumed(previous)
                     continue
                 prompt = make_passkey_prompt(tokenizer, length, key, depth, haystack=stream, offset=offset)
                 if probe is not None:
