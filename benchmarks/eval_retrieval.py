@@ -40,6 +40,10 @@ def _ms(far="exact", score="rope", per="head", *more):
 #: scores, CRD-NTK alpha 4 per length); "dense_dynamic" the baseline users would pick.
 ROWS = {
     "dense_dynamic": ("dense + dynamic NTK (factor 4)", ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4"]),
+    # the baseline past 32K in bf16: fp32 dense takes ~20 min per 64K prompt and ~65 min per 128K one on 2 cores;
+    # the same prompts at 32K in both dtypes check that bf16 does not change the outcome
+    "dense_dynamic_bf16": ("dense + dynamic NTK (factor 4), bf16 model",
+                           ["--attn", "sdpa", "--rope", "dynamic", "--rope-factor", "4", "--dtype", "bfloat16"]),
     "dense_own": ("dense attention, the model's own RoPE (how S2-Attn and SF-Attn models are evaluated)",
                   ["--attn", "sdpa"]),
     "today": ("MS exact, rope scores, CRD-NTK alpha 4 (today)", _ms("exact", "rope", "head", "--rope", "crd-ntk",
@@ -85,6 +89,7 @@ TAGS = {
     "fts2": "after the comparison fine-tune with S2-Attn (compare_methods.py finetune)",
     "ftsf": "after the comparison fine-tune with SF-Attn (compare_methods.py finetune)",
     "ftms": "after the comparison fine-tune with MS attention (compare_methods.py finetune)",
+    "ftmsp": "after the comparison fine-tune with MS attention and plain RoPE (compare_methods.py finetune)",
 }
 
 
@@ -198,7 +203,8 @@ def report() -> None:
         "then the needle recall in brackets: the share of (layer, query head) pairs whose answering block selected a",
         "region holding the key sentence (prefill). Greedy decoding, exact match of the first integer generated.",
         "MS attention is c16 K64 m16 s1 (1024 keys per query) in every MS row. Measured on this project's 2-core CPU",
-        "machine (fp32), with other work sharing the cores (accuracy does not depend on it; time per trial does).",
+        "machine (fp32 unless the row says bf16), with other work sharing the cores (accuracy does not depend on it;",
+        "time per trial does).",
         "",
     ]
     for haystack in ("filler", "corpus"):
@@ -300,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-windows", type=int, default=1, help="windows per context (perplexity)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the trial files")
     args = p.parse_args(argv)
+    from ds_msattn.logs import setup_logging
+
+    setup_logging()  # the libraries' progress bars and advisories stay out of the trial logs
     if args.report:
         report()
     elif args.ppl_contexts:
