@@ -8,6 +8,7 @@ png}`` (``report``).
 
     python benchmarks/compare_methods.py run --rows h2o --passkey 8192,16384,32768 --ppl 4096,16384,32768
     python benchmarks/compare_methods.py finetune   # S2-Attn, SF-Attn and MS: the same short fine-tune, then ppl
+    python benchmarks/compare_methods.py time     # the 16K forward of every row again, side by side in one run
     python benchmarks/compare_methods.py report
 
 Rows (without fine-tuning):
@@ -20,7 +21,9 @@ Rows (without fine-tuning):
 
 Cost: ``keys/query`` is the mean number of keys a query of a T-token prefill attends to (exact, counted from each
 method's rule); ``16K forward s`` is the measured time of the 16K perplexity window (one forward of the model over
-16384 tokens plus its loss, 2 threads), each run alone through the heavy queue.
+16384 tokens plus its loss, 2 threads), each run alone through the heavy queue. ``time`` measures that window again
+for every row, one after the other in one job (``eval_retrieval/time_<row>_16384.json``); the table then reads
+those, so the column compares times of one run on one machine.
 
 Heavy: run it through ``/work/shared/bin/heavy`` (one job at a time on the 2-core machine).
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -155,6 +159,34 @@ def finetune(args) -> None:
     report()
 
 
+def time_rows(args) -> None:
+    """One 16K window per table row (the fine-tuned ones whose merged model exists), one after the other."""
+    from ds_msattn.eval.cli import main as eval_main
+
+    text = er.heldout_text()
+    for key in _table_rows():
+        tag, row = er._split_key(key)
+        model = str(ROOT.parent / FT_RUNS / tag / "merged") if tag else "smollm2"
+        if tag and not Path(model, "config.json").exists():
+            print(f"== {key}: no merged model at {model}, skipped", flush=True)
+            continue
+        argv = ["ppl", "--model", model, *er.ROWS[row][1], "--text-file", str(text), "--context", str(COST_T),
+                "--max-windows", "1", "--output", str(er.RUNS / f"time_{key}_{COST_T}.json")]
+        print("== ds-msattn eval " + " ".join(argv), flush=True)
+        eval_main(argv)
+    report()
+
+
+def _forward_seconds(key: str, ppl: dict) -> tuple[float | None, bool]:
+    """The 16K forward time of a row: from the last ``time`` run if it measured the row (True), else from the row's
+    perplexity file (False)."""
+    path = er.RUNS / f"time_{key}_{COST_T}.json"
+    if path.exists():
+        return json.loads(path.read_text())["results"][0]["seconds"], True
+    r = ppl.get(key, {}).get(COST_T)
+    return (r["seconds"] if r else None), False
+
+
 def _table_rows() -> list[str]:
     """Row keys of the table: the base rows, then the fine-tuned ones."""
     return ROWS + [f"{tag}-{row}" for tag, (_, row, _) in FINETUNE.items()]
@@ -163,7 +195,7 @@ def _table_rows() -> list[str]:
 def report() -> None:
     trials = er._load_trials()
     ppl = er._load_ppl()
-    rows = []
+    rows, same_run = [], []
     for row in _table_rows():
         tag, base = er._split_key(row)
         rec = {"row": row, "label": FT_LABELS[tag] if tag else er.ROWS[row][0]}
@@ -174,9 +206,9 @@ def report() -> None:
             recs = [t for t in trials.get((row, "filler"), []) if t["length"] == n]
             rec[f"passkey_{n // 1024}k"] = f"{sum(t['passed'] for t in recs)}/{len(recs)}" if recs else None
         rec[f"keys_per_query_{COST_T // 1024}k"] = round(keys_per_query(base, COST_T))
-        r = ppl.get(row, {}).get(COST_T)
-        rec[f"forward_{COST_T // 1024}k_s"] = r["seconds"] if r else None
+        rec[f"forward_{COST_T // 1024}k_s"], timed = _forward_seconds(row, ppl)
         rows.append(rec)
+        same_run.append(timed)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / "compare_methods.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -189,11 +221,15 @@ def report() -> None:
              "(same prompts for every row). Perplexity on the held-out works (one window per context); passkey on",
              "the filler haystack, passed/trials at depths 0.1-0.9 (64K: only the three rows best at 32K); keys/query:",
              "mean keys a query of a 16K prefill",
-             "attends to; 16K forward: seconds of the 16K perplexity window (2 threads, one job at a time). Empty:",
+             "attends to; 16K forward: seconds of the 16K perplexity window (2 threads, one job at a time; "
+             + ("every row in one `time` run" if all(same_run) else
+                "rows marked * in one `time` run, the others when their perplexity was measured" if any(same_run) else
+                "each when its perplexity was measured") + "). Empty:",
              "not measured yet.", "",
              "| row | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(cols)]
-    for r in rows:
-        lines.append(f"| {r['label']} | " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+    for r, timed in zip(rows, same_run):
+        mark = "*" if timed and not all(same_run) else ""
+        lines.append(f"| {r['label']}{mark} | " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
     lines += ["", "S2-Attn and SF-Attn run dense attention at inference (as LongLoRA and SinkLoRA evaluate): without",
               "their fine-tune they are the dense row. The rows marked \"after the comparison fine-tune\" are one",
               f"short fine-tune per method with everything else equal (`python benchmarks/compare_methods.py finetune`):",
@@ -240,13 +276,14 @@ def main(argv=None) -> int:
     f.add_argument("--methods", type=lambda s: s.split(","), default=list(FINETUNE), help=",".join(FINETUNE))
     f.add_argument("--ppl", type=er._ints, default=PPL)
     f.add_argument("--master-port", type=int, default=29541)
+    sub.add_parser("time", help="the 16K forward of every table row again, one after the other (one heavy job)")
     sub.add_parser("report", help="rebuild the table from the trial files")
     args = p.parse_args(argv)
     if args.cmd == "finetune":
         unknown = [m for m in args.methods if m not in FINETUNE]
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(FINETUNE)}")
-    {"run": run, "finetune": finetune}.get(args.cmd, lambda _: report())(args)
+    {"run": run, "finetune": finetune, "time": time_rows}.get(args.cmd, lambda _: report())(args)
     return 0
 
 

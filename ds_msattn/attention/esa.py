@@ -213,23 +213,42 @@ def esa_attention(
     out = torch.empty(B, Hkv, rep, Tq, v.shape[-1], dtype=dtype, device=q.device)
     for c0 in range(0, Tq, params.chunk_size):
         c1 = min(Tq, c0 + params.chunk_size)
-        a, b = offset + c0, offset + c1
+        n, a, b = c1 - c0, offset + c0, offset + c1
         i_end, l_start = segments(a, params.sink_tokens, params.local_window)
+        # near part: L and the chunk itself, causal; the rep query heads of a kv head are stacked along the rows
+        causal = torch.arange(l_start, b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
+        o, lse = _part(_stack(q_near, c0, c1, Hkv), k_near[:, :, l_start:b], v_c[:, :, l_start:b], scale,
+                       causal.repeat(rep, 1))
         far = torch.arange(i_end, device=q.device).expand(B, G, i_end)
         if l_start > i_end and params.top_k:
             scores = q_sel[:, :, c0:c1] @ k_sel[:, :, i_end:l_start].transpose(-1, -2)  # [B, G, n, nM]
             far = torch.cat([far, select_middle(scores, params.top_k, params.proximity) + i_end], dim=-1)
-        far = far.expand(B, Hkv, far.shape[-1])  # [B, Hkv, nF]: the layer's selection serves every kv head
-        k_f = k_far.gather(2, far[..., None].expand(-1, -1, -1, D))
-        v_f = v_c.gather(2, far[..., None].expand(-1, -1, -1, v.shape[-1]))
-        qf = q_far[:, :, c0:c1].view(B, Hkv, rep, c1 - c0, D)
-        qn = q_near[:, :, c0:c1].view(B, Hkv, rep, c1 - c0, D)
-        logits_f = torch.einsum("bgrqd,bgkd->bgrqk", qf, k_f) * scale
-        logits_n = torch.einsum("bgrqd,bgkd->bgrqk", qn, k_near[:, :, l_start:b]) * scale
-        causal = torch.arange(l_start, b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
-        logits_n = logits_n.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(torch.cat([logits_f, logits_n], dim=-1), dim=-1)  # one softmax over I, M_k, L, C
-        nF = far.shape[-1]
-        out[:, :, :, c0:c1] = (torch.einsum("bgrqk,bgkd->bgrqd", probs[..., :nF], v_f)
-                               + torch.einsum("bgrqk,bgkd->bgrqd", probs[..., nF:], v_c[:, :, l_start:b]))
+        if far.shape[-1]:  # far part: I and M_k, every one visible, at their far positions; one softmax with near
+            far = far.expand(B, Hkv, far.shape[-1])  # [B, Hkv, nF]: the layer's selection serves every kv head
+            k_f = k_far.gather(2, far[..., None].expand(-1, -1, -1, D))
+            v_f = v_c.gather(2, far[..., None].expand(-1, -1, -1, v.shape[-1]))
+            o_f, lse_f = _part(_stack(q_far, c0, c1, Hkv), k_f, v_f, scale)
+            total = torch.logaddexp(lse, lse_f)
+            o = o * torch.exp(lse - total)[..., None] + o_f * torch.exp(lse_f - total)[..., None]
+        out[:, :, :, c0:c1] = o.view(B, Hkv, rep, n, -1)
     return out.view(B, Hq, Tq, -1).to(q.dtype)
+
+
+def _stack(x: torch.Tensor, c0: int, c1: int, Hkv: int) -> torch.Tensor:
+    """Rows c0..c1 of ``x [B, Hq, Tq, D]`` with each kv head's query heads stacked: ``[B, Hkv, rep * n, D]``."""
+    B, Hq, _, D = x.shape
+    return x[:, :, c0:c1].reshape(B, Hkv, Hq // Hkv * (c1 - c0), D)
+
+
+def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
+    """One part of a softmax: ``(o, lse)`` of ``q [B, G, L, D]`` over ``k/v [B, G, S, *]``; ``mask [L, S]`` (True:
+    attend) or None. float32 on CPU: PyTorch's fused flash kernel (no ``[L, S]`` scores kept); else matmuls."""
+    if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] == v.shape[-1]:
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                          scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]) @ v, lse
