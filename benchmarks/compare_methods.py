@@ -279,6 +279,9 @@ def main(argv=None) -> int:
     sub.add_parser("time", help="the 16K forward of every table row again, one after the other (one heavy job)")
     sub.add_parser("report", help="rebuild the table from the trial files")
     args = p.parse_args(argv)
+    from ds_msattn.logs import setup_logging
+
+    setup_logging()  # the libraries' progress bars and advisories stay out of the logs (the runs call eval directly)
     if args.cmd == "finetune":
         unknown = [m for m in args.methods if m not in FINETUNE]
         if unknown:
