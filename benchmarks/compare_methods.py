@@ -163,6 +163,7 @@ def time_rows(args) -> None:
     """One 16K window per table row (the fine-tuned ones whose merged model exists), one after the other."""
     from ds_msattn.eval.cli import main as eval_main
 
+    calibrate_esa(ROWS)
     text = er.heldout_text()
     for key in _table_rows():
         tag, row = er._split_key(key)
