@@ -211,14 +211,18 @@ def esa_attention(
         q_sel = q_sel @ projection[0].to(q.device, dtype)  # [B, G, Tq, r]
         k_sel = k_sel @ projection[1].to(q.device, dtype)
     out = torch.empty(B, Hkv, rep, Tq, v.shape[-1], dtype=dtype, device=q.device)
+    fused = _fused(q_near, v_c)
+    near_masks = {}  # (chunk length, tokens of L before it) -> the near part's mask: every full chunk shares one
     for c0 in range(0, Tq, params.chunk_size):
         c1 = min(Tq, c0 + params.chunk_size)
         n, a, b = c1 - c0, offset + c0, offset + c1
         i_end, l_start = segments(a, params.sink_tokens, params.local_window)
         # near part: L and the chunk itself, causal; the rep query heads of a kv head are stacked along the rows
-        causal = torch.arange(l_start, b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
-        o, lse = _part(_stack(q_near, c0, c1, Hkv), k_near[:, :, l_start:b], v_c[:, :, l_start:b], scale,
-                       causal.repeat(rep, 1))
+        shape = (n, a - l_start)
+        if shape not in near_masks:
+            near_masks[shape] = _near_mask(*shape, rep, fused, dtype, q.device)
+        o, lse = _part(_stack(q_near, c0, c1, Hkv), k_near[:, :, l_start:b], v_c[:, :, l_start:b], scale, fused,
+                       near_masks[shape])
         far = torch.arange(i_end, device=q.device).expand(B, G, i_end)
         if l_start > i_end and params.top_k:
             scores = q_sel[:, :, c0:c1] @ k_sel[:, :, i_end:l_start].transpose(-1, -2)  # [B, G, n, nM]
@@ -227,7 +231,7 @@ def esa_attention(
             far = far.expand(B, Hkv, far.shape[-1])  # [B, Hkv, nF]: the layer's selection serves every kv head
             k_f = k_far.gather(2, far[..., None].expand(-1, -1, -1, D))
             v_f = v_c.gather(2, far[..., None].expand(-1, -1, -1, v.shape[-1]))
-            o_f, lse_f = _part(_stack(q_far, c0, c1, Hkv), k_f, v_f, scale)
+            o_f, lse_f = _part(_stack(q_far, c0, c1, Hkv), k_f, v_f, scale, fused)
             total = torch.logaddexp(lse, lse_f)
             o = o * torch.exp(lse - total)[..., None] + o_f * torch.exp(lse_f - total)[..., None]
         out[:, :, :, c0:c1] = o.view(B, Hkv, rep, n, -1)
@@ -240,12 +244,26 @@ def _stack(x: torch.Tensor, c0: int, c1: int, Hkv: int) -> torch.Tensor:
     return x[:, :, c0:c1].reshape(B, Hkv, Hq // Hkv * (c1 - c0), D)
 
 
-def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
-    """One part of a softmax: ``(o, lse)`` of ``q [B, G, L, D]`` over ``k/v [B, G, S, *]``; ``mask [L, S]`` (True:
-    attend) or None. float32 on CPU: PyTorch's fused flash kernel (no ``[L, S]`` scores kept); else matmuls."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] == v.shape[-1]:
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+def _fused(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """float32 on CPU: PyTorch's fused flash kernel (no ``[L, S]`` scores kept); otherwise matmuls."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] == v.shape[-1]
+
+
+def _near_mask(n: int, before: int, rep: int, fused: bool, dtype, device) -> torch.Tensor:
+    """The near part's mask, rows stacked for ``rep`` query heads: query i of an n-token chunk sees the ``before``
+    tokens of L and the chunk's tokens up to i. Additive (0 / -inf) for the fused kernel, else boolean (True:
+    attend)."""
+    keep = (torch.arange(before + n, device=device)[None, :] <= before + torch.arange(n, device=device)[:, None])
+    keep = keep.repeat(rep, 1)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf")) if fused else keep
+
+
+def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool,
+          mask: torch.Tensor | None = None):
+    """One part of a softmax: ``(o, lse)`` of ``q [B, G, L, D]`` over ``k/v [B, G, S, *]``; ``mask [L, S]`` from
+    :func:`_near_mask` or None."""
+    if fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                           scale=scale)
     s = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
