@@ -49,8 +49,8 @@ ROWS = ["dense_dynamic", "h2o", "esa", "esa_1k", "today", "compact_pf"]
 ESA_CALIBRATION = {"runs/esa/smollm2_w4096": 4096, "runs/esa/smollm2_w512": 512}
 ESA_TOKENS, ESA_RANK = 16384, 32
 PASSKEY = [8192, 16384, 32768]
-#: passkey columns of the table: PASSKEY, plus 64K measured only for the three rows without fine-tuning best at 32K (a 64K trial takes
-#: 4-12 min on the 2-core CPU for the sparse rows, about 25 min dense)
+#: passkey columns of the table: PASSKEY, plus 64K measured only for the three rows without fine-tuning best at 32K
+#: (a 64K trial takes 4-20 min on the 2-core CPU for the sparse rows, about 25 min dense)
 PASSKEY_TABLE = PASSKEY + [65536]
 PPL = [4096, 16384, 32768]
 COST_T = 16384
@@ -171,8 +171,7 @@ def time_rows(args) -> None:
         if tag and not Path(model, "config.json").exists():
             print(f"== {key}: no merged model at {model}, skipped", flush=True)
             continue
-        argv = ["ppl", "--model", model, *er.ROWS[row][1], "--text-file", str(text), "--context", str(COST_T),
-                "--max-windows", "1", "--output", str(er.RUNS / f"time_{key}_{COST_T}.json")]
+        argv = er.ppl_argv(model, row, text, COST_T, 1, er.RUNS / f"time_{key}_{COST_T}.json")
         print("== ds-msattn eval " + " ".join(argv), flush=True)
         eval_main(argv)
     report()
@@ -224,8 +223,8 @@ def report() -> None:
     lines = ["# Long-context methods side by side (SmolLM2-135M, no fine-tuning, CPU)", "",
              "Written by `benchmarks/compare_methods.py report` from the trial files of `benchmarks/eval_retrieval.py`",
              "(same prompts for every row). Perplexity on the held-out works (one window per context); passkey on",
-             "the filler haystack, passed/trials at depths 0.1-0.9 (64K: the three rows without fine-tuning best at 32K); keys/query:",
-             "mean keys a query of a 16K prefill",
+             "the filler haystack, passed/trials at depths 0.1-0.9 (64K: the three rows without fine-tuning best at",
+             "32K); keys/query: mean keys a query of a 16K prefill",
              "attends to; 16K forward: seconds of the 16K perplexity window (2 threads, one job at a time; "
              + ("every row in one `time` run" if all(same_run) else
                 "rows marked * in one `time` run, the others when their perplexity was measured" if any(same_run) else

@@ -154,6 +154,12 @@ def heldout_text() -> Path:
     return path
 
 
+def ppl_argv(model: str, row: str, text: Path, context: int, windows: int, out: Path) -> list[str]:
+    """``ds-msattn eval`` arguments of one row's perplexity on the held-out text at one context."""
+    return ["ppl", "--model", model, *ROWS[row][1], "--text-file", str(text), "--context", str(context),
+            "--max-windows", str(windows), "--output", str(out)]
+
+
 def run_ppl(args) -> None:
     from ds_msattn.eval.cli import main as eval_main
 
@@ -165,8 +171,7 @@ def run_ppl(args) -> None:
             out = RUNS / f"ppl_{_row_key(row, args)}_{ctx}.json"
             if out.exists():
                 continue  # resume: one JSON per (row, context)
-            argv = ["ppl", "--model", args.fine_tuned or args.model, *ROWS[row][1], "--text-file", str(text), "--context", str(ctx),
-                    "--max-windows", str(args.ppl_windows), "--output", str(out)]
+            argv = ppl_argv(args.fine_tuned or args.model, row, text, ctx, args.ppl_windows, out)
             print("== ds-msattn eval " + shlex.join(argv), flush=True)
             eval_main(argv)
     report()
