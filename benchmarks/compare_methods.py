@@ -244,7 +244,8 @@ def report() -> None:
               "(no CRD-NTK: the base stays the model's). Empty rows: not run yet.",
               "", "The `time` run measures each row's 16K perplexity again with the code of the day: "
               + ("it repeats every row's to 0.05%." if not redone else
-                 "it repeats every row's to 0.05% except " + "; ".join(redone) + "."),
+                 "it repeats every row's to 0.05% except " + "; ".join(redone) + " (MS perplexities can differ"
+                 " by up to 0.1% between sessions with the same code: docs/facts.md)."),
               "", "Rows: " + "; ".join(f"`{r}`: `{' '.join(er.ROWS[r][1])}`" for r in ROWS + ["dense_own"])]
     (RESULTS / "compare_methods.md").write_text("\n".join(lines) + "\n")
     _plot(rows)
