@@ -196,6 +196,35 @@ def _load_trials() -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _first_decode(trial):
+    """Needle recall of the first decoded token (None without a diagnosis or a decode step)."""
+    steps = trial.get("needle", {}).get("decode_recall") or []
+    return steps[0] if steps else None
+
+
+def _recall_by_outcome(trials) -> list[str]:
+    """Mean needle recall of passed against missed trials, per row and haystack with both outcomes diagnosed."""
+    out = []
+    for (r, haystack), recs in sorted(trials.items()):
+        recs = [t for t in recs if _first_decode(t) is not None]
+        groups = {ok: [t for t in recs if t["passed"] == ok] for ok in (True, False)}
+        if not (groups[True] and groups[False]):
+            continue
+        cells = [f"{len(g)}: {_mean([t['needle']['prefill_recall'] for t in g]):.2f} / "
+                 f"{_mean([_first_decode(t) for t in g]):.2f}" for g in (groups[True], groups[False])]
+        out.append(f"| {_label(r)} | {haystack} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["## Needle recall of passed and missed trials", "",
+            "Mean needle recall (prefill / first decoded token) over the trials that passed and those that missed,",
+            "for rows with both; the count first.", "",
+            "| row | haystack | passed | missed |", "| --- | --- | --- | --- |"] + out + [""]
+
+
 def report() -> None:
     trials = _load_trials()
     lengths = sorted({t["length"] for recs in trials.values() for t in recs})
@@ -205,8 +234,9 @@ def report() -> None:
         "",
         "Written by `benchmarks/eval_retrieval.py` from the trial files in `benchmarks/results/eval_retrieval/`",
         "(one JSON line per trial: key, depth, haystack offset, generated text, needle recall). Cells: passed/trials,",
-        "then the needle recall in brackets: the share of (layer, query head) pairs whose answering block selected a",
-        "region holding the key sentence (prefill). Greedy decoding, exact match of the first integer generated.",
+        "then the needle recall in brackets: the share of (layer, query head) pairs that selected a region holding the",
+        "key sentence, first for the block that answers (prefill), then for the first decoded token (the per-token",
+        "decode rule: it writes the answer's first digit). Greedy decoding, exact match of the first integer generated.",
         "MS attention is c16 K64 m16 s1 (1024 keys per query) in every MS row. Measured on this project's 2-core CPU",
         "machine (fp32 unless the row says bf16), with other work sharing the cores (accuracy does not depend on it;",
         "time per trial does).",
@@ -226,14 +256,17 @@ def report() -> None:
                     cells.append("")
                     continue
                 passed = sum(t["passed"] for t in recs)
-                recall = [t["needle"]["prefill_recall"] for t in recs if "needle" in t]
-                cell = f"{passed}/{len(recs)}" + (f" ({sum(recall) / len(recall):.2f})" if recall else "")
+                recall = _mean([t["needle"]["prefill_recall"] for t in recs if "needle" in t])
+                first = _mean([_first_decode(t) for t in recs if _first_decode(t) is not None])
+                cell = f"{passed}/{len(recs)}" + (f" ({recall:.2f}" if recall is not None else "")
+                cell += (f", {first:.2f})" if first is not None else ")") if recall is not None else ""
                 cells.append(cell)
                 table.setdefault(r, {}).setdefault(haystack, {})[str(n)] = dict(
-                    passed=passed, trials=len(recs), needle_recall=sum(recall) / len(recall) if recall else None,
+                    passed=passed, trials=len(recs), needle_recall=recall, needle_recall_first_decode=first,
                     seconds_mean=round(sum(t["seconds"] for t in recs) / len(recs), 1))
             lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _recall_by_outcome(trials)
     ppl = _load_ppl()
     if ppl:
         contexts = sorted({c for v in ppl.values() for c in v})
@@ -247,14 +280,16 @@ def report() -> None:
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{r}`: {label}: `{' '.join(a)}`" for r, (label, a) in ROWS.items()
                                 if any(_split_key(k)[1] == r for k in table)]
-    lines += ["", "## Every trial", "", "| row | haystack | length | depth | key | generated | passed | needle (prefill) | s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Every trial", "",
+              "| row | haystack | length | depth | key | generated | passed | needle (prefill) | needle (1st decode) | s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (r, haystack), recs in sorted(trials.items()):
         for t in recs:
             needle = t["needle"]["prefill_selected"] if "needle" in t else ""
+            first = "" if _first_decode(t) is None else f"{_first_decode(t):.2f}"
             generated = t["generated"].replace("|", "\\|").replace("\n", "\\n")
             lines.append(f"| {r} | {haystack} | {t['length']} | {t['depth']} | {t['key']} | `{generated}` | "
-                         f"{'yes' if t['passed'] else 'no'} | {needle} | {t['seconds']:.0f} |")
+                         f"{'yes' if t['passed'] else 'no'} | {needle} | {first} | {t['seconds']:.0f} |")
     commands = RUNS / "commands.txt"
     if commands.exists():
         lines += ["", "## Commands (from the repository root)", "", "```", commands.read_text().strip(), "```"]
