@@ -72,7 +72,7 @@ class LayerProgress:
     one token, so a bar over units moves (and estimates the time left) while a long window runs, and a prefill read
     in chunks (H2O's steps) counts as one unit in all; decoding steps (one token) are not counted. ``unit_tokens``
     (None: every pass is a whole unit) is the length of one unit, set with :meth:`set_unit_tokens` when it changes
-    (each passkey length). ``bar`` is what :func:`progress_bar` returns.
+    (each passkey length). ``bar`` is what :func:`progress_bar` returns (None until :meth:`next_bar` gives one).
     """
 
     def __init__(self, bar, layers, unit_tokens: int | None = None):
@@ -82,6 +82,13 @@ class LayerProgress:
     def set_unit_tokens(self, n: int | None) -> None:
         self.unit_tokens = n
 
+    def next_bar(self, bar, unit_tokens: int | None) -> None:
+        """Count the next group of units (a passkey length) on a bar of its own: trials of one length cost alike, so
+        its time left is estimated from its own trials (a 64K trial takes 10-30x an 8K one)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.unit_tokens = bar, unit_tokens
+
     def skip_unit(self) -> None:
         """One unit needs no work (a passkey trial resumed from its file): it leaves the total, so the time left
         is estimated from the units that run."""
@@ -90,6 +97,8 @@ class LayerProgress:
             self.bar.refresh()
 
     def _on_forward(self, _module, _args, output) -> None:
+        if self.bar is None:
+            return
         out = output[0] if isinstance(output, (tuple, list)) else output
         if getattr(out, "dim", lambda: 0)() >= 2 and out.shape[1] > 1:
             share = 1.0 if self.unit_tokens is None else min(1.0, out.shape[1] / self.unit_tokens)
@@ -99,7 +108,8 @@ class LayerProgress:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StepProgress:

@@ -91,3 +91,24 @@ def test_a_skipped_unit_leaves_the_total_and_the_estimate():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("passkey at 32: 0.5/2 trials") and "left" in lines[0]
     assert lines[-1].startswith("passkey at 32: 1/2 trials")
+
+
+def test_each_passkey_length_is_counted_and_estimated_on_a_bar_of_its_own():
+    """A 64K trial costs many 8K ones: the time left of a length is estimated from that length's trials only."""
+    model, clock, out = tiny_model(2).eval(), itertools.count(), io.StringIO()
+    ticker = LayerProgress(None, model.model.layers)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 8)))  # before the first bar: nothing to count
+        bars = []
+        for n in (16, 32):
+            bars.append(LineProgress(2, f"passkey at {n}", "trials", interval=1, stream=out,
+                                     clock=lambda: float(next(clock))))
+            ticker.next_bar(bars[-1], unit_tokens=n)
+            for _ in range(2):
+                model(input_ids=torch.randint(0, 256, (1, n)))
+    ticker.close()
+    assert [b.n for b in bars] == [2, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("passkey at 16: 0.5/2 trials") and "left" in lines[0]
+    second = [line for line in lines if line.startswith("passkey at 32")]
+    assert second[0].startswith("passkey at 32: 0.5/2 trials") and second[-1].startswith("passkey at 32: 2/2 trials")

@@ -250,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         from .passkey import run_passkey
         from .plots import plot_passkey
 
-        n_trials = len(args.lengths) * args.trials * (len(args.depths) if args.depths else 1)
-        ticker = LayerProgress(progress_bar(n_trials, f"passkey at {','.join(map(str, args.lengths))}", "trials"), layers)
+        per_length = args.trials * (len(args.depths) if args.depths else 1)
+        ticker = LayerProgress(None, layers)  # one bar per length: its trials cost alike
+
+        def prepare(n: int) -> None:
+            where = f" (length {args.lengths.index(n) + 1} of {len(args.lengths)})" if len(args.lengths) > 1 else ""
+            ticker.next_bar(progress_bar(per_length, f"passkey at {n}{where}", "trials"), unit_tokens=n)
+            prepare_length(model, spec, n)
+
         try:
             res = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
-                              seed=args.seed, max_new_tokens=args.max_new_tokens,
-                              prepare=lambda n: (ticker.set_unit_tokens(n), prepare_length(model, spec, n)),
+                              seed=args.seed, max_new_tokens=args.max_new_tokens, prepare=prepare,
                               log=log, haystack=args.haystack,
                               diagnose=args.diagnose, trials_file=args.trials_file,
                               resumed=lambda _: ticker.skip_unit())
