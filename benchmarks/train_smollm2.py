@@ -47,7 +47,7 @@ def run_one(impl: str, steps: int, seq_len: int, ranks: int, work: Path) -> list
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port()), "--module",
                "ds_msattn.train", "--config", str(RECIPE), *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -56,7 +56,15 @@ def run_one(impl: str, steps: int, seq_len: int, ranks: int, work: Path) -> list
     for r in rows:
         r["attention"] = impl
         r["process_wall_s"] = time.time() - t0
+        r["load_before"], r["load_after"] = round(load0, 2), round(os.getloadavg()[0], 2)
     return rows
+
+
+def _recipe_attention() -> str:
+    import yaml
+
+    att = yaml.safe_load(RECIPE.read_text())["attention"]
+    return ", ".join(f"{k}={v}" for k, v in att.items() if k != "implementation")
 
 
 def main() -> None:
@@ -74,7 +82,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
-    fields = ["attention", "step", "step_time_s", "tokens_per_s", "peak_memory_mib", "loss", "alpha"]
+    fields = ["attention", "step", "step_time_s", "tokens_per_s", "peak_memory_mib", "loss", "alpha", "load_before", "load_after"]
     with open(RESULTS / "train_smollm2.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -85,17 +93,18 @@ def main() -> None:
         f"Measured by `benchmarks/train_smollm2.py --steps {args.steps} --seq-len {args.seq_len} --ranks {args.ranks}`"
         f" on {platform.machine()} with {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Pipeline of `ds_configs/recipes/smollm2_16k.yaml` (CRD-NTK, reduced LoRA, ZeRO-3 offload, fp32, activation"
-        f" checkpointing), {args.ranks} rank(s), micro batch 1; MS attention c=16 K=64 m=16 sink 1 (1024 keys per query).",
+        f" checkpointing), {args.ranks} rank(s), micro batch 1; MS attention as the recipe sets it: {_recipe_attention()}.",
         "Peak memory: the training process's peak resident set (ru_maxrss, model load and data included).",
         "Step 1 includes one-time warm-up (ZeRO-3 tracing); later steps are steady state. The CPU may be shared with",
-        "other jobs, so compare the two rows of the same step rather than absolute numbers.",
+        "other jobs, so compare the two rows of the same step rather than absolute numbers; the 1-minute load average",
+        "before and after each run says how busy it was (2 cores: about 2 is this job alone).",
         "",
-        "| attention | step | step time (s) | tokens/s | peak RSS (MiB) | loss |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| attention | step | step time (s) | tokens/s | peak RSS (MiB) | loss | load before / after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| {r['attention']} | {r['step']} | {r['step_time_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_memory_mib']:.0f} | {r['loss']:.4f} |")
+                     f"{r['peak_memory_mib']:.0f} | {r['loss']:.4f} | {r['load_before']} / {r['load_after']} |")
     (RESULTS / "train_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
