@@ -9,6 +9,8 @@ about half a minute per forward+backward here).
     python benchmarks/attention.py                      # full table, writes benchmarks/results/attention_cpu.*
     python benchmarks/attention.py --lengths 4096 --quick
     python benchmarks/attention.py --profile 32768 --hkv 2   # where the time goes: attention_cpu_profile.txt
+    python benchmarks/attention.py --lengths 16384 --hkv 2 --impls sdpa,c16-K64-m16,c16-K64-m16-model
+                                        # what the model default options (compact, position_free) cost
 
 Results: ``benchmarks/results/attention_cpu.{md,csv,png}``.
 """
@@ -30,7 +32,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PARAMS = {
     "c16-K64-m16": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
     "c16-K512-m128": dict(region_size=16, top_k=512, merge=128, sink_regions=1),
+    "c16-K64-m16-model": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
 }
+#: impls run with the model default options (``MODEL_OPTIONS``: compact far positions, position-free scores), which
+#: rotate and unrotate with RoPE frequencies (base 1e5, SmolLM2's); the others with ``ms_attention``'s own defaults
+MODEL_DEFAULT = {"c16-K64-m16-model"}
+ROPE_BASE = 1e5
+
+
+def _rotary(T: int, D: int, base: float = ROPE_BASE):
+    """``rope_inv_freq [D/2]`` and ``position_ids [1, T]`` for the impls of MODEL_DEFAULT."""
+    import torch
+
+    return 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D), torch.arange(T)[None]
 
 
 def _rss_mb() -> float:
@@ -70,11 +84,18 @@ def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
     for x in (q, k, v):
         x.requires_grad_(backward)
 
+    options = {}
+    if impl in MODEL_DEFAULT:
+        from ds_msattn.attention.options import MODEL_OPTIONS
+
+        inv_freq, positions = _rotary(T, D)
+        options = dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=positions)
+
     def step():
         if impl == "sdpa":
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != H)
         else:
-            o = ms_attention(q, k, v, backend="torch", **PARAMS[impl])
+            o = ms_attention(q, k, v, backend="torch", **PARAMS[impl], **options)
         if backward:
             o.backward(do)
             for x in (q, k, v):
@@ -94,8 +115,12 @@ def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
     select = None
     if impl != "sdpa":  # the region selection alone, as the op runs it (same inputs): its share of the op
         from ds_msattn.attention import select_regions
+        from ds_msattn.attention.options import make_options
 
         kw = {k: v for k, v in PARAMS[impl].items()}
+        if options:
+            kw.update(options=make_options(**{n: x for n, x in options.items() if n in MODEL_OPTIONS}),
+                      rope_inv_freq=options["rope_inv_freq"], positions=options["position_ids"])
         with torch.no_grad():
             select_regions(q, k, **kw)
             sel_times = []
@@ -133,8 +158,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def profile(T: int, hkv: int, out: Path) -> None:
-    """torch.profiler table (self CPU time per op) of one MS c16-K64-m16 forward+backward -> ``out``."""
+def profile(T: int, hkv: int, out: Path, impl: str = "c16-K64-m16") -> None:
+    """torch.profiler table (self CPU time per op) of one MS forward+backward of ``impl`` -> ``out``."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -145,16 +170,22 @@ def profile(T: int, hkv: int, out: Path) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, T, 64, generator=g, requires_grad=True) for h in (8, hkv, hkv))
     do = torch.randn(1, 8, T, 64, generator=g)
+    options = {}
+    if impl in MODEL_DEFAULT:
+        from ds_msattn.attention.options import MODEL_OPTIONS
+
+        inv_freq, positions = _rotary(T, 64)
+        options = dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=positions)
 
     def run():
-        ms_attention(q, k, v, backend="torch", **PARAMS["c16-K64-m16"]).backward(do)
+        ms_attention(q, k, v, backend="torch", **PARAMS[impl], **options).backward(do)
 
     run()  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    out.write_text(f"# python benchmarks/attention.py --profile {T} --hkv {hkv}\n"
-                   f"MS c16-K64-m16 forward+backward, T={T}, Hq=8, Hkv={hkv}, D=64, fp32\n\n{table}\n")
+    out.write_text(f"# python benchmarks/attention.py {' '.join(sys.argv[1:])}\n"
+                   f"MS {impl} forward+backward, T={T}, Hq=8, Hkv={hkv}, D=64, fp32\n\n{table}\n")
     print(out.read_text())
 
 
@@ -164,24 +195,34 @@ def main() -> int:
     parser.add_argument("--hkv", default="8,2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one repeat everywhere")
+    parser.add_argument("--impls", default=",".join(["sdpa", *PARAMS]),
+                        help=f"comma-separated, from sdpa,{','.join(PARAMS)} (-model: the model default options)")
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu"))
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=int, default=None, metavar="T",
-                        help="instead: torch.profiler table of one MS forward+backward at T tokens (first --hkv)")
+                        help="instead: torch.profiler table of one MS forward+backward at T tokens (first --hkv; the first MS impl of --impls when given)")
     args = parser.parse_args()
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i != "sdpa" and i not in PARAMS]
+    if unknown or "sdpa" not in impls:
+        parser.error(f"--impls must include sdpa (the baseline of every ratio) and name only sdpa,{','.join(PARAMS)}; "
+                     f"got {args.impls!r}")
     if args.worker:
         impl, T, hkv, mode, repeats = args.worker
         print(json.dumps(worker(impl, int(T), int(hkv), mode, int(repeats))))
         return 0
     if args.profile:
-        profile(args.profile, int(args.hkv.split(",")[0]), RESULTS / "attention_cpu_profile.txt")
+        ms = [i for i in impls if i != "sdpa"]
+        impl = ms[0] if args.impls != parser.get_default("impls") and ms else "c16-K64-m16"
+        name = "attention_cpu_profile" + ("_model" if impl in MODEL_DEFAULT else "") + ".txt"
+        profile(args.profile, int(args.hkv.split(",")[0]), RESULTS / name, impl)
         return 0
 
     rows = []
     for T in (int(x) for x in args.lengths.split(",")):
         for hkv in (int(x) for x in args.hkv.split(",")):
             for mode in ("fwd", "fwd+bwd"):
-                for impl in ["sdpa", *PARAMS]:
+                for impl in impls:
                     repeats = 1 if args.quick or (impl == "sdpa" and T >= 32768) else args.repeats
                     r = measure(impl, T, hkv, mode, repeats)
                     params = PARAMS.get(impl)
