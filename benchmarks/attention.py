@@ -40,11 +40,17 @@ MODEL_DEFAULT = {"c16-K64-m16-model"}
 ROPE_BASE = 1e5
 
 
-def _rotary(T: int, D: int, base: float = ROPE_BASE):
-    """``rope_inv_freq [D/2]`` and ``position_ids [1, T]`` for the impls of MODEL_DEFAULT."""
+def _options(impl: str, T: int, D: int) -> dict:
+    """Extra ``ms_attention`` arguments of ``impl``: for MODEL_DEFAULT the model options with ``rope_inv_freq [D/2]``
+    and ``position_ids [1, T]``; none otherwise."""
+    if impl not in MODEL_DEFAULT:
+        return {}
     import torch
 
-    return 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D), torch.arange(T)[None]
+    from ds_msattn.attention.options import MODEL_OPTIONS
+
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    return dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=torch.arange(T)[None])
 
 
 def _rss_mb() -> float:
@@ -84,12 +90,7 @@ def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
     for x in (q, k, v):
         x.requires_grad_(backward)
 
-    options = {}
-    if impl in MODEL_DEFAULT:
-        from ds_msattn.attention.options import MODEL_OPTIONS
-
-        inv_freq, positions = _rotary(T, D)
-        options = dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=positions)
+    options = _options(impl, T, D)
 
     def step():
         if impl == "sdpa":
@@ -119,6 +120,8 @@ def worker(impl: str, T: int, hkv: int, mode: str, repeats: int) -> dict:
 
         kw = {k: v for k, v in PARAMS[impl].items()}
         if options:
+            from ds_msattn.attention.options import MODEL_OPTIONS
+
             kw.update(options=make_options(**{n: x for n, x in options.items() if n in MODEL_OPTIONS}),
                       rope_inv_freq=options["rope_inv_freq"], positions=options["position_ids"])
         with torch.no_grad():
@@ -170,12 +173,7 @@ def profile(T: int, hkv: int, out: Path, impl: str = "c16-K64-m16") -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, T, 64, generator=g, requires_grad=True) for h in (8, hkv, hkv))
     do = torch.randn(1, 8, T, 64, generator=g)
-    options = {}
-    if impl in MODEL_DEFAULT:
-        from ds_msattn.attention.options import MODEL_OPTIONS
-
-        inv_freq, positions = _rotary(T, 64)
-        options = dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=positions)
+    options = _options(impl, T, 64)
 
     def run():
         ms_attention(q, k, v, backend="torch", **PARAMS[impl], **options).backward(do)
