@@ -68,11 +68,13 @@ FT_LABELS = {"fts2": "S2-Attn after the comparison fine-tune (dense attention at
              "ftmsp": "MS compact + position_free after the comparison fine-tune with plain RoPE"}
 FT_RECIPE = "ds_configs/recipes/smollm2_16k.yaml"
 #: the same steps, data and positions for every method: the main job's recipe at 8K-token sequences (the native
-#: context; CRD-NTK still places them over the recipe's 32K cycle), two optimizer steps, 2 ranks as the main job.
+#: context) with its CRD-NTK positions turned on (they place the sequences over the recipe's 32K cycle; dense
+#: attention at 32K needs the larger base), two optimizer steps, 2 ranks as the main job.
 #: glibc maps host tensors from 4 MiB (train.host_mmap_threshold_mib): with its default 32 the S2-Attn run's
 #: heap holes took a rank to 11 GiB in the first forward and the machine (24 GiB, 2 ranks) ran out of memory;
 #: with 4 the peak rank held 3.4 GiB (steps about 20% slower: benchmarks/results/host_allocator.md)
-FT_OVERRIDES = ["--data.seq_len=8192", "--train.max_steps=2", "--train.host_mmap_threshold_mib=4", "--resume=auto"]
+FT_OVERRIDES = ["--data.seq_len=8192", "--train.max_steps=2", "--positions.enabled=true",
+                "--train.host_mmap_threshold_mib=4", "--resume=auto"]
 FT_RUNS = "runs/compare_ft"
 
 
@@ -241,7 +243,7 @@ def report() -> None:
     lines += ["", "S2-Attn and SF-Attn run dense attention at inference (as LongLoRA and SinkLoRA evaluate): without",
               "their fine-tune they are the dense row. The rows marked \"after the comparison fine-tune\" are one",
               f"short fine-tune per method with everything else equal (`python benchmarks/compare_methods.py finetune`):",
-              f"`{FT_RECIPE}` with `{' '.join(FT_OVERRIDES[:3])}` (same data order, CRD-NTK positions, reduced LoRA,",
+              f"`{FT_RECIPE}` with `{' '.join(FT_OVERRIDES[:4])}` (same data order, CRD-NTK positions, reduced LoRA,",
               "ZeRO-3 offload, 2 DeepSpeed ranks), only `attention.implementation` changed; each merged model is",
               "then evaluated as its method intends (S2/SF: dense attention with the trained RoPE; MS: the default",
               "MS attention). The row \"with plain RoPE\" is the MS fine-tune with `--positions.enabled=false` too",
