@@ -249,6 +249,9 @@ class TrainSettings:
     """Steps between progress-bar/console updates (metrics.jsonl gets every step)."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
+    profile_step: int = 0
+    """Profile this optimizer step (counted from 1) with torch.profiler on rank 0 and write its operator table to
+    <output_dir>/profile_step_N.txt (0: off). Step 1 includes one-time warm-up (ZeRO-3 tracing)."""
     host_mmap_threshold_mib: int = 32
     """glibc (Linux) while training: host tensors of at least this many MiB are mapped and return to the OS when
     freed; smaller ones come from the heap, whose holes stay resident. 32 is where glibc's own rule ends. Lower it
@@ -267,6 +270,7 @@ class TrainSettings:
         _check_choice("train.optimizer", self.optimizer, {"torch_adamw", "deepspeed"})
         _check_positive("train.log_interval", self.log_interval)
         _check_positive("train.grad_clip", self.grad_clip, zero_ok=True)
+        _check_positive("train.profile_step", self.profile_step, zero_ok=True)
         if not 1 <= self.host_mmap_threshold_mib <= 32:  # glibc refuses thresholds above 32 MiB
             raise ValueError(f"train.host_mmap_threshold_mib must be 1-32 (MiB), got {self.host_mmap_threshold_mib!r}")
 

@@ -507,6 +507,7 @@ def train(cfg: RunConfig) -> None:
     seq_len = cfg.data.seq_len
     tokens_per_step = cfg.train.micro_batch_size * gas * dp_size * seq_len  # global batch (an SP group shares one)
     for step in range(start, cfg.train.max_steps):
+        profiler = start_profile(cfg, step, rank)
         t0 = time.perf_counter()
         if progress is not None:
             progress.begin(step)
@@ -542,6 +543,8 @@ def train(cfg: RunConfig) -> None:
             step_sum += totals[0].double().cpu()
             step_count += totals[1].double().cpu()
         elapsed = time.perf_counter() - t0
+        if profiler is not None:
+            write_profile(profiler, out / f"profile_step_{step + 1}.txt", elapsed)
         if progress is not None:
             progress.end()
         if rank == 0:
@@ -588,6 +591,41 @@ def train(cfg: RunConfig) -> None:
     if sp is not None and hasattr(sp, "close"):
         sp.close()
     _barrier()
+
+
+def start_profile(cfg: RunConfig, step: int, rank: int):
+    """A running torch.profiler (CPU operators) when ``step`` (from 0) is ``train.profile_step`` on rank 0."""
+    if rank != 0 or cfg.train.profile_step != step + 1:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def write_profile(profiler, path: Path, elapsed: float, rows: int = 40) -> None:
+    """Stop ``profiler`` and write its operator tables (by self time, then by total time) atomically to ``path``,
+    and every operator's ``{name, calls, self_s, total_s}`` to the ``.json`` beside it.
+
+    Self time adds up to the step's time on the main thread; total time counts nested operators again (and
+    under activation checkpointing a layer's recomputed forward runs inside its first backward operator)."""
+    profiler.stop()
+    averages = profiler.key_averages()
+    ops = sorted(({"name": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+                   "total_s": e.cpu_time_total / 1e6} for e in averages), key=lambda o: -o["self_s"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step_s": elapsed, "ops": ops}, indent=1))
+    tmp.replace(path.with_suffix(".json"))
+    text = (f"torch.profiler, one optimizer step ({elapsed:.1f} s wall), rank 0, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads\n\nby self CPU time\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+            + "\n\nby total CPU time (nested operators counted again)\n"
+            + averages.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=70) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def save_adapter(engine, cfg: RunConfig, rank: int) -> None:

@@ -37,7 +37,7 @@ COMMON = ["--train.max_steps=4", "--checkpoint.interval=2", "--checkpoint.keep_l
 def reference_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "ref"
     _run([sys.executable, "-m", "ds_msattn.train", "--config", str(RECIPE), f"--output_dir={out}",
-          "--train.micro_batch_size=2", *COMMON])
+          "--train.micro_batch_size=2", "--train.profile_step=3", *COMMON])
     return out
 
 
@@ -65,6 +65,14 @@ def test_single_process_run_writes_metrics_checkpoints_config_and_tensorboard(re
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in rows])
     assert "train/tokens_per_s" in acc.Tags()["scalars"] and "train/peak_memory_mib" in acc.Tags()["scalars"]
+    # train.profile_step=3: that step's operator table, nothing for the others (the resumed run, which does not
+    # profile, reproduces these losses bit for bit: profiling changes no arithmetic)
+    assert sorted(p.name for p in reference_run.glob("profile_step_*")) == ["profile_step_3.json", "profile_step_3.txt"]
+    table = (reference_run / "profile_step_3.txt").read_text()
+    assert "by self CPU time" in table and "aten::" in table and "MSAttentionFunction" in table
+    ops = json.loads((reference_run / "profile_step_3.json").read_text())["ops"]
+    assert "MSAttentionFunction" in {o["name"] for o in ops} and all(o["calls"] > 0 for o in ops)
+    assert [o["self_s"] for o in ops] == sorted((o["self_s"] for o in ops), reverse=True)
 
 
 @pytest.mark.slow
