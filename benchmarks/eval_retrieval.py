@@ -86,6 +86,7 @@ def _floats(text):
 #: ``TAG-<row>`` (tags have no "-").
 TAGS = {
     "tuned": "fine-tuned (main job's merged model)",
+    "tuned_ntk": "fine-tuned by the main job when its recipe had CRD-NTK positions (2 steps at 16K, 2026-12-05)",
     "fts2": "after the comparison fine-tune with S2-Attn (compare_methods.py finetune)",
     "ftsf": "after the comparison fine-tune with SF-Attn (compare_methods.py finetune)",
     "ftms": "after the comparison fine-tune with MS attention (compare_methods.py finetune)",
