@@ -47,6 +47,7 @@ def test_overrides_are_parsed_and_typed(tmp_path):
     pytest.param("--train.not_a_key=1", "train.not_a_key", id="unknown"),
     pytest.param("--model.dtype=float16", "model.dtype", id="dtype"),
     pytest.param("--train.host_mmap_threshold_mib=64", "train.host_mmap_threshold_mib", id="mmap>32"),
+    pytest.param("--train.profile_step=-1", "train.profile_step", id="profile_step"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
