@@ -83,7 +83,24 @@ def profile_table(impls: list[str], top: int = 12) -> list[str]:
     lines.append("| everything else | " + " | ".join(f"{rest[i]:.1f}" for i in impls) + " |")
     lines.append("| all operators (profiled step: wall time) | " + " | ".join(
         f"{sum(self_s[i].values()):.1f} ({profiles[i]['step_s']:.1f})" for i in impls) + " |")
+    if "sdpa" in impls and len(impls) > 1:
+        lines += [""] + ceiling(self_s, {i: p["step_s"] for i, p in profiles.items()}, next(i for i in impls if i != "sdpa"))
     return lines
+
+
+def ceiling(self_s: dict, step_s: dict, ms: str) -> list[str]:
+    """What the profiles bound: dense's step without its attention kernels is the part both runs share."""
+    flash = {i: sum(v for n, v in ops.items() if "flash_attention" in n) for i, ops in self_s.items()}
+    shared = sum(self_s["sdpa"].values()) - flash["sdpa"]
+    extra = sum(self_s[ms].values()) - shared - flash[ms]
+    dense = step_s["sdpa"]
+    return [
+        f"Attention kernels (flash forward + backward): {flash['sdpa']:.1f} s for sdpa, {flash[ms]:.1f} s for "
+        f"{ms} ({flash['sdpa'] / flash[ms]:.1f}x less). Everything else in the sdpa step, {shared:.1f} s (linear "
+        f"layers, norms, MLP, loss, ZeRO-3), is work both runs do; {ms} spends {extra:.1f} s beyond that and its "
+        f"kernels (selection, gathers, far-position rotations, merges, gradient scatter). Bounds on the step "
+        f"speed-up this pipeline allows: {dense / (shared + flash[ms]):.2f}x if {ms} had no work beside its kernels, "
+        f"{dense / shared:.2f}x if attention were free; measured {dense / step_s[ms]:.2f}x."]
 
 
 def _recipe() -> tuple[str, str]:
@@ -127,7 +144,8 @@ def main() -> None:
         f" on {platform.machine()} with {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Pipeline of `ds_configs/recipes/smollm2_16k.yaml` ({positions}, reduced LoRA, ZeRO-3 offload, fp32, activation"
         f" checkpointing), {args.ranks} rank(s), micro batch 1; MS attention as the recipe sets it: {attention}.",
-        "Peak memory: the training process's peak resident set (ru_maxrss, model load and data included).",
+        "Peak memory: the training process's peak resident set (ru_maxrss, model load and data included)"
+        + ("; with --profile it includes the profiler's event records (a few hundred MiB)." if args.profile else "."),
         "Step 1 includes one-time warm-up (ZeRO-3 tracing); later steps are steady state. The CPU may be shared with",
         "other jobs, so compare the two rows of the same step rather than absolute numbers; the 1-minute load average",
         "before and after each run says how busy it was (2 cores: about 2 is this job alone).",

@@ -230,7 +230,7 @@ with open(base.with_suffix(".csv"), "w", newline="") as f:
 lines = [
     "# SmolLM2-135M fine-tuning at 32K tokens on one GPU: MS attention vs dense (sdpa), ZeRO-3 offload",
     "",
-    f"Measured by `launch/gpu_check.sh` ({versions}). Pipeline of `ds_configs/recipes/smollm2_16k.yaml` (CRD-NTK,",
+    f"Measured by `launch/gpu_check.sh` ({versions}). Pipeline of `ds_configs/recipes/smollm2_16k.yaml` (plain RoPE,",
     "reduced LoRA, activation checkpointing, MS c=16 K=64 m=16 sink 1, compact far positions, position-free scores)",
     "with --data.seq_len=32768 --model.dtype=bfloat16 --deepspeed.config=ds_configs/zero3_offload.json (parameters",
     "and optimizer offloaded to CPU) --train.optimizer=torch_adamw, one process, micro batch 1, 2 optimizer steps.",

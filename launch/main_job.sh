@@ -70,13 +70,13 @@ if [ "$STEPS" != "$RECIPE_STEPS" ]; then
   steps_arg=(--train.max_steps="$STEPS")
 fi
 n_pk=$(echo "$PASSKEY_LENGTHS" | tr ',' '\n' | grep -c .)
-echo "main job: about $(( STEPS * 7 + 10 + (PASSKEY != 0 ? n_pk * PASSKEY_TRIALS * 3 : 0) )) min on a 2-core CPU" \
-     "(fine-tuning about 7 min per step, 5 perplexity rows about 2 min each, passkey 1-4 min per trial);" \
+echo "main job: about $(( STEPS * 5 + 6 + (PASSKEY != 0 ? n_pk * PASSKEY_TRIALS * 2 : 0) )) min on a 2-core CPU" \
+     "(fine-tuning about 5 min per step, 5 perplexity rows about 1 min each, passkey 1-3 min per trial);" \
      "outputs in $OUT"
 
 # ------------------------------------------------------------------ 1. fine-tuning
 echo
-echo "== 1/4 fine-tuning: $STEPS steps of 16384 tokens on 2 CPU ranks (about $(( STEPS * 7 )) min;" \
+echo "== 1/4 fine-tuning: $STEPS steps of 16384 tokens on 2 CPU ranks (about $(( STEPS * 5 )) min;" \
      "a progress line every minute; metrics in $OUT/metrics.jsonl)"
 if ls -d "$OUT"/checkpoints/step_* >/dev/null 2>&1; then
   echo "   resuming from $(ls -d "$OUT"/checkpoints/step_* | tail -1) (the recipe has resume: auto; delete $OUT to start over)"
@@ -88,7 +88,7 @@ echo "   training took $(since "$t0")"
 
 # ------------------------------------------------------------------ 2. perplexity
 echo
-echo "== 2/4 perplexity at a $CTX-token context on the held-out work: 5 rows (about 2 min each)"
+echo "== 2/4 perplexity at a $CTX-token context on the held-out work: 5 rows (about 1 min each)"
 ROW=0
 ppl() {  # label, description, then ds-msattn eval ppl arguments
   local label=$1 text=$2 t
@@ -103,7 +103,7 @@ ppl() {  # label, description, then ds-msattn eval ppl arguments
 }
 MS=(--attn ms_attention --region-size 16 --top-k 64 --merge 16 --sink-regions 1)
 # Dense attention past 8K needs a larger RoPE base: dynamic NTK alpha 4 (the baseline users would pick). MS rows
-# keep the model's own base: compact far positions hold every distance below K*c + c = 1040 (--rope none: the
+# keep the model's own base: compact far positions hold every distance below K*c = 1024 (--rope none: the
 # model's config; the merged model stores the base it trained with, plain unless positions.enabled was set).
 DYN=(--rope dynamic --rope-factor 4)
 ppl base_dense_plain "base model, dense attention, plain RoPE" --model smollm2 --attn sdpa --rope none --rope-factor 1
@@ -119,7 +119,7 @@ ppl tuned_dense "fine-tuned, dense attention, dynamic NTK alpha 4" --model "$OUT
 echo
 if [ "$PASSKEY" != 0 ]; then
   echo "== 3/4 passkey at $PASSKEY_LENGTHS tokens, $PASSKEY_TRIALS trials per length, 2 rows" \
-       "(about $(( n_pk * PASSKEY_TRIALS * 3 )) min)"
+       "(about $(( n_pk * PASSKEY_TRIALS * 2 )) min)"
   passkey() {  # label, description, then ds-msattn eval passkey arguments
     local label=$1 text=$2 t
     shift 2
