@@ -118,9 +118,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate_half RoPE of ``x [..., D]`` by angles with ``cos``/``sin [..., D/2]`` (broadcast), in cos's dtype.
+
+    Without autograd it writes the two halves of one output (no concatenation, no temporaries): this runs on
+    every gathered key of a chunk, where passes over memory are what it costs."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        x1, x2 = x1.to(cos.dtype), x2.to(cos.dtype)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    shape = torch.broadcast_shapes(x1.shape, cos.shape)
+    out = torch.empty(*shape[:-1], 2 * half, dtype=cos.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -136,10 +150,7 @@ def unrotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -
     """
     angle = (positions.float()[:, None, :, None] * inv_freq.float()).double()  # [B, 1, T, D/2]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return _apply(x.to(dtype), angle.cos().to(dtype), -angle.sin().to(dtype))  # rotation by -angle
 
 
 def moved_index(p: torch.Tensor, block_start: torch.Tensor, options: MSOptions) -> torch.Tensor:
@@ -196,12 +207,13 @@ class KeyMover:
     block_offset: int = 0
 
     def shifts(self, sel: torch.Tensor, b0: int, b1: int, s: int) -> torch.Tensor:
-        """``p' - p`` of the keys of blocks ``b0..b1`` (their first ``s`` selected regions) -> ``[B*Hq, nb, s*c]``."""
+        """``p' - p`` of the keys of blocks ``b0..b1`` (their first ``s`` selected regions) -> ``[B*Hq, nb, s, c]``,
+        or ``[B*Hq, nb, s, 1]`` where a region's keys move together (``exact``, ``compact``)."""
         ids = (self.positions_sel if self.positions_sel is not None else sel)[:, :, b0:b1, :s]  # [B, Hq, nb, s]
         blocks = torch.arange(b0, b1, device=sel.device) + self.block_offset
-        shift = key_shifts(ids, blocks, region_size=self.region_size, merge=self.merge, options=self.options)
-        B, Hq = ids.shape[:2]
-        return shift.reshape(B * Hq, b1 - b0, s * self.region_size)
+        shift = key_shifts(ids, blocks, region_size=self.region_size, merge=self.merge, options=self.options,
+                           per_region=True)
+        return shift.flatten(0, 1)
 
     max_shift: int = 0
     """bound on ``|p' - p|`` (the input length): cos/sin come from a table of every shift, not from trig per key"""
@@ -214,12 +226,15 @@ class KeyMover:
         return cache[dtype]
 
     def _rotate(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``x [N, nb, s*c, D]`` (gathered keys or their gradient) by ``shift`` of :meth:`shifts`."""
+        N, nb, sc, D = x.shape
+        xr = x.reshape(N, nb, shift.shape[2], sc // shift.shape[2], D)  # [N, nb, s, c, D]
         if self.max_shift <= 0 or int(shift.abs().max()) > self.max_shift:
-            return rotate(x, shift, self.inv_freq)
+            return rotate(xr, shift, self.inv_freq).view(N, nb, sc, D)
         cos, sin = self._table(_compute_dtype(x))
         index = (shift + self.max_shift).reshape(-1)
         shape = (*shift.shape, cos.shape[-1])
-        return _apply(x, cos.index_select(0, index).view(shape), sin.index_select(0, index).view(shape))
+        return _apply(xr, cos.index_select(0, index).view(shape), sin.index_select(0, index).view(shape)).view(N, nb, sc, D)
 
     def move(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return self._rotate(keys, shift)
