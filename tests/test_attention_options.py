@@ -99,6 +99,25 @@ def test_options_change_the_result():
         assert not torch.allclose(ms_attention(q, k, v, **base, **OPTIONS[opt]), plain, atol=1e-4), opt
 
 
+@pytest.mark.parametrize("opt", ["compact", "capped-W12"])
+def test_autograd_does_not_keep_a_rotation_table_per_layer(opt):
+    """The torch path's mover lives in the autograd context until backward: its cos/sin tables ([2T+1, D/2] each,
+    8 MiB per layer at 16K) must be gone by then, or every layer of a training step keeps one."""
+    q, k, v, freqs, _ = _inputs(1, 4, 2, 160, 16)
+    q.requires_grad_()
+    o = ms_attention(q, k, v, region_size=4, top_k=6, merge=2, sink_regions=1, rope_inv_freq=freqs, backend="torch",
+                     **OPTIONS[opt])
+    nodes, movers = [o.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        if node is not None:
+            movers += [p for p in getattr(node, "params", ()) if hasattr(p, "release")]
+            nodes += [n for n, _ in node.next_functions]
+    assert len(movers) == 1 and "_tables" not in movers[0].__dict__
+    o.sum().backward()
+    assert "_tables" not in movers[0].__dict__
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_capped_with_a_window_past_the_input_is_exact(backend):
     q, k, v, freqs, _ = _inputs(2, 4, 2, 111, 16)

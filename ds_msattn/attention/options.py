@@ -216,7 +216,8 @@ class KeyMover:
         return shift.flatten(0, 1)
 
     max_shift: int = 0
-    """bound on ``|p' - p|`` (the input length): cos/sin come from a table of every shift, not from trig per key"""
+    """bound on ``|p' - p|`` (the input length): per-key shifts (``capped``, ``grouped``) take cos/sin from a table
+    of every shift instead of trig per key"""
 
     def _table(self, dtype: torch.dtype):
         cache = self.__dict__.setdefault("_tables", {})
@@ -229,12 +230,18 @@ class KeyMover:
         """``x [N, nb, s*c, D]`` (gathered keys or their gradient) by ``shift`` of :meth:`shifts`."""
         N, nb, sc, D = x.shape
         xr = x.reshape(N, nb, shift.shape[2], sc // shift.shape[2], D)  # [N, nb, s, c, D]
-        if self.max_shift <= 0 or int(shift.abs().max()) > self.max_shift:
+        if shift.shape[-1] == 1 or self.max_shift <= 0 or int(shift.abs().max()) > self.max_shift:
+            # one angle per region (exact, compact): as many angles as gathered regions, formed directly
             return rotate(xr, shift, self.inv_freq).view(N, nb, sc, D)
         cos, sin = self._table(_compute_dtype(x))
         index = (shift + self.max_shift).reshape(-1)
         shape = (*shift.shape, cos.shape[-1])
         return _apply(xr, cos.index_select(0, index).view(shape), sin.index_select(0, index).view(shape)).view(N, nb, sc, D)
+
+    def release(self) -> None:
+        """Drop the cos/sin tables (``4 * (2 * max_shift + 1) * D`` bytes each): autograd keeps the mover of every
+        layer's forward until its backward, which must not keep a table per layer alive."""
+        self.__dict__.pop("_tables", None)
 
     def move(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return self._rotate(keys, shift)

@@ -162,6 +162,8 @@ class MSAttentionFunction(torch.autograd.Function):
                 oc, lc = _merge(o_sel, l_sel, oc, lc)
             geo.blocks(out, b0, b1).copy_(oc)  # views of `out` / `lse`: write in place
             lse[:, :, b0 * geo.mc : b1 * geo.mc] = lc.reshape(geo.B, geo.Hq, -1)
+        if mover is not None:
+            mover.release()
         ctx.save_for_backward(q, k, v, sel, out, lse)
         ctx.params = (region_size, merge, scale, fused, mover)
         return out if geo.Tp == geo.T else out[:, :, : geo.T].clone()
@@ -196,6 +198,8 @@ class MSAttentionFunction(torch.autograd.Function):
                 geo.add_gathered(dk, dks, rows)
                 geo.add_gathered(dv, dvs, rows)
             geo.blocks(dq, b0, b1).copy_(dqc)
+        if mover is not None:
+            mover.release()
         T = geo.T
         return dq[:, :, :T], dk[:, :, :T].to(k.dtype), dv[:, :, :T].to(v.dtype), None, None, None, None, None
 
