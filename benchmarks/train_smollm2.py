@@ -7,7 +7,7 @@ other on the same machine; step times and the process's peak resident memory com
     python benchmarks/train_smollm2.py [--steps 2] [--seq-len 16384] [--ranks 1] [--profile]
 
 Writes benchmarks/results/train_smollm2.{csv,md}; --profile also profiles each run's last step (torch.profiler,
-`train.profile_step`) into benchmarks/results/train_smollm2_profile_<attention>.txt. Profiling adds a few percent
+`train.profile_step`) into benchmarks/results/train_smollm2_profile_<attention>.{txt,json}. Profiling adds a few percent
 to that step's time.
 """
 
