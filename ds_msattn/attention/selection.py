@@ -39,17 +39,19 @@ def region_means(x: torch.Tensor, region_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def _order_key(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys that sort like ``scores`` (descending) with ties broken towards the lower index.
+def _order_key(scores: torch.Tensor, columns: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+    """int64 keys that sort like ``scores [..., R]`` (descending) with ties broken towards the lower index.
 
-    fp32 values map to int32 keys in the same order; the low 32 bits hold ``R - 1 - j`` so that equal
-    scores rank the lower region first and no two keys of a row are equal (``topk`` is then exact).
+    fp32 values map to int32 keys in the same order; the low 32 bits hold ``R - 1 - j`` so that equal scores
+    rank the lower region first and no two keys of a row are equal (``topk`` is then exact). Values picked
+    out of a wider row pass their ``columns`` (``j``) and that row's ``width`` (``R``): they get the keys they
+    had there.
     """
-    R = scores.shape[-1]
     bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
     ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # monotone in the float value
-    tiebreak = R - 1 - torch.arange(R, device=scores.device, dtype=torch.int64)
-    return ordered * (1 << 32) + tiebreak
+    if columns is None:
+        columns = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+    return ordered * (1 << 32) + ((scores.shape[-1] if width is None else width) - 1 - columns)
 
 
 def _top_by_keys(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,22 +68,24 @@ def top_ranked(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tenso
     row's n-th value is tied with a value left out, which set ``topk`` returns is unspecified, so such rows (rare:
     ties at the threshold, or fewer than ``n`` candidates) are redone with the int64 order keys of
     :func:`_order_key` (a row with fewer than ``n`` candidates then ends with invalid columns). ``scores`` (fp32)
-    is overwritten. Inside the set, a stable sort orders equal values by index.
+    is overwritten. ``topk`` returns the set best first; rows where two chosen values are equal (rare) are
+    reordered by the order keys, so that equal values keep the lower index first.
     """
     if n == 0:
         return scores.new_zeros(scores.shape[:-1] + (0,), dtype=torch.int64)
     scores = scores.float().masked_fill_(~valid, float("-inf"))
-    vals, idx = scores.topk(n, dim=-1, sorted=False)
-    exact = (scores >= vals.amin(dim=-1, keepdim=True)).sum(dim=-1) == n  # no tie left outside the set
+    vals, idx = scores.topk(n, dim=-1, sorted=True)  # descending; equal values in no specified order
+    exact = (scores >= vals[..., -1:]).sum(dim=-1, dtype=torch.int32) == n  # no tie left outside the set
     if not bool(exact.all()):
         bad = ~exact
         rows = scores[bad]  # [rows, cols]; invalid columns already -inf, keyed below the valid ones
-        idx[bad] = _top_by_keys(rows, valid.expand_as(scores)[bad], n)
+        idx[bad] = _top_by_keys(rows, valid.expand_as(scores)[bad], n)  # best first, ties to the lower index
         vals[bad] = rows.gather(-1, idx[bad])
-    idx, order = idx.sort(dim=-1)  # by index, then stably by value: equal values keep the lower index first
-    vals = vals.gather(-1, order)
-    order = vals.sort(dim=-1, descending=True, stable=True).indices
-    return idx.gather(-1, order)
+    tied = (vals[..., 1:] == vals[..., :-1]).any(dim=-1) & exact
+    if bool(tied.any()):
+        vt, it = vals[tied], idx[tied]
+        idx[tied] = it.gather(-1, _order_key(vt, it, scores.shape[-1]).sort(dim=-1, descending=True).indices)
+    return idx
 
 
 def _validate_params(region_size: int, top_k: int, merge: int, sink_regions: int) -> None:

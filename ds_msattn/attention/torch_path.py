@@ -18,6 +18,8 @@ tiles (bounded by ``CHUNK_BUDGET`` elements): ``O(T*D + (T/c)*K)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Elements of gathered keys (and, on the generic path, of scores) that one chunk may hold.
@@ -89,6 +91,19 @@ class _Geometry:
         self.counts = (sel[0, 0] >= 0).sum(-1).tolist()  # [NB]
         # Row offsets of (batch, kv head) in the flattened [B*Hkv*Rp, c*D] view of k and v.
         self.base = (torch.arange(self.B * self.Hkv, device=q.device) * self.Rp).view(self.B, self.Hkv, 1)
+        self._workspace: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A scratch tensor of ``shape`` reused by every chunk (one per ``name``; grown when a chunk needs more).
+
+        Gathered tiles are the largest per-chunk temporaries; allocating them afresh for each chunk costs page
+        faults on every first touch (glibc returns large blocks to the OS), which took more time than the gathers.
+        """
+        numel = math.prod(shape)
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._workspace[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
     def chunks(self):
         """Runs of at most ``chunk`` consecutive blocks with equal selection counts -> (b0, b1, count)."""
@@ -105,11 +120,16 @@ class _Geometry:
         idx = sel[:, :, b0:b1, :s].reshape(self.B, self.Hkv, -1)  # [B, Hkv, G*nb*s]
         return (idx + self.base).reshape(-1)
 
-    def gather(self, x: torch.Tensor, rows: torch.Tensor, nb: int, s: int) -> torch.Tensor:
-        """Selected regions of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, s*c, E]``."""
+    def gather(self, x: torch.Tensor, rows: torch.Tensor, nb: int, s: int, name: str) -> torch.Tensor:
+        """Selected regions of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, s*c, E]``.
+
+        The result lives in the workspace ``name``: it is valid until the next gather into the same name.
+        """
         E = x.shape[-1]
         flat = x.view(self.B * self.Hkv * self.Rp, self.c * E)
-        return flat.index_select(0, rows).view(self.B * self.Hq, nb, s * self.c, E)
+        out = self.buffer(name, (rows.numel(), self.c * E), x.dtype, x.device)
+        torch.index_select(flat, 0, rows, out=out)
+        return out.view(self.B * self.Hq, nb, s * self.c, E)
 
     def local(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
         """Own-block tokens of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, mc, E]``."""
@@ -123,7 +143,9 @@ class _Geometry:
         # index_add_: on CPU (torch 2.13) 1.7-12x faster than index_put_(accumulate=True) for rows of c*E floats
         # (one 32K backward chunk, Hkv 8 and 2: 4.6 vs 8.1 ms, 0.3 vs 5.0 ms).
         flat = grad_x.view(self.B * self.Hkv * self.Rp, self.c * E)
-        flat.index_add_(0, rows, g.reshape(-1, self.c * E).to(grad_x.dtype))
+        if not g.is_contiguous() or g.dtype != grad_x.dtype:  # the fused kernel's gradients come head-interleaved
+            g = self.buffer("grad", g.shape, grad_x.dtype, g.device).copy_(g)
+        flat.index_add_(0, rows, g.view(-1, self.c * E))
 
     def add_local(self, grad_x: torch.Tensor, g: torch.Tensor, b0: int, b1: int) -> None:
         """Add ``g [B*Hq, nb, mc, E]`` (gradient of :meth:`local`) into ``grad_x [B, Hkv, Tp, E]``."""
@@ -155,10 +177,10 @@ class MSAttentionFunction(torch.autograd.Function):
             oc, lc = _attend(qc, geo.local(kp, b0, b1), geo.local(vp, b0, b1), True, scale, fused)
             if s:
                 rows = geo.rows(sel, b0, b1, s)
-                ks = geo.gather(kp, rows, b1 - b0, s)
+                ks = geo.gather(kp, rows, b1 - b0, s, "k")
                 if mover is not None:  # far_positions: the gathered copies sit at their new positions
                     ks = mover.move(ks, mover.shifts(sel, b0, b1, s))
-                o_sel, l_sel = _attend(qc, ks, geo.gather(vp, rows, b1 - b0, s), False, scale, fused)
+                o_sel, l_sel = _attend(qc, ks, geo.gather(vp, rows, b1 - b0, s, "v"), False, scale, fused)
                 oc, lc = _merge(o_sel, l_sel, oc, lc)
             geo.blocks(out, b0, b1).copy_(oc)  # views of `out` / `lse`: write in place
             lse[:, :, b0 * geo.mc : b1 * geo.mc] = lc.reshape(geo.B, geo.Hq, -1)
@@ -187,7 +209,7 @@ class MSAttentionFunction(torch.autograd.Function):
             geo.add_local(dv, dvl, b0, b1)
             if s:
                 rows = geo.rows(sel, b0, b1, s)
-                ks, vs = geo.gather(kp, rows, b1 - b0, s), geo.gather(vp, rows, b1 - b0, s)
+                ks, vs = geo.gather(kp, rows, b1 - b0, s, "k"), geo.gather(vp, rows, b1 - b0, s, "v")
                 if mover is not None:
                     shift = mover.shifts(sel, b0, b1, s)
                     ks = mover.move(ks, shift)
