@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .api import _validate_tensors
 from .options import check_rotary, make_options, rotate, unrotate
+from .torch_path import _attend, _merge
 
 SELECT_PER = ("layer", "kv_group")
 FAR_POSITIONS = ("fixed", "exact")
@@ -221,8 +222,8 @@ def esa_attention(
         shape = (n, a - l_start)
         if shape not in near_masks:
             near_masks[shape] = _near_mask(*shape, rep, fused, dtype, q.device)
-        o, lse = _part(_stack(q_near, c0, c1, Hkv), k_near[:, :, l_start:b], v_c[:, :, l_start:b], scale, fused,
-                       near_masks[shape])
+        o, lse = _attend(_stack(q_near, c0, c1, Hkv), k_near[:, :, l_start:b], v_c[:, :, l_start:b], False, scale,
+                         fused, near_masks[shape])
         far = torch.arange(i_end, device=q.device).expand(B, G, i_end)
         if l_start > i_end and params.top_k:
             scores = q_sel[:, :, c0:c1] @ k_sel[:, :, i_end:l_start].transpose(-1, -2)  # [B, G, n, nM]
@@ -231,9 +232,8 @@ def esa_attention(
             far = far.expand(B, Hkv, far.shape[-1])  # [B, Hkv, nF]: the layer's selection serves every kv head
             k_f = k_far.gather(2, far[..., None].expand(-1, -1, -1, D))
             v_f = v_c.gather(2, far[..., None].expand(-1, -1, -1, v.shape[-1]))
-            o_f, lse_f = _part(_stack(q_far, c0, c1, Hkv), k_f, v_f, scale, fused)
-            total = torch.logaddexp(lse, lse_f)
-            o = o * torch.exp(lse - total)[..., None] + o_f * torch.exp(lse_f - total)[..., None]
+            o_f, lse_f = _attend(_stack(q_far, c0, c1, Hkv), k_f, v_f, False, scale, fused)
+            o, lse = _merge(o_f, lse_f, o, lse)
         out[:, :, :, c0:c1] = o.view(B, Hkv, rep, n, -1)
     return out.view(B, Hq, Tq, -1).to(q.dtype)
 
@@ -256,17 +256,3 @@ def _near_mask(n: int, before: int, rep: int, fused: bool, dtype, device) -> tor
     keep = (torch.arange(before + n, device=device)[None, :] <= before + torch.arange(n, device=device)[:, None])
     keep = keep.repeat(rep, 1)
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf")) if fused else keep
-
-
-def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool,
-          mask: torch.Tensor | None = None):
-    """One part of a softmax: ``(o, lse)`` of ``q [B, G, L, D]`` over ``k/v [B, G, S, *]``; ``mask [L, S]`` from
-    :func:`_near_mask` or None."""
-    if fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                          scale=scale)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]) @ v, lse

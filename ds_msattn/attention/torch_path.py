@@ -35,15 +35,26 @@ def _use_cpu_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def _attend(q, k, v, causal: bool, scale: float, fused: bool):
-    """``q [N, H, L, D]``, ``k/v [N, H, S, *]`` -> ``(o, lse [N, H, L] fp32)``; causal aligns the last rows."""
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the arithmetic of the generic path: fp32, or fp64 where it came in fp64 (the reference's tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _attend(q, k, v, causal: bool, scale: float, fused: bool, mask: torch.Tensor | None = None):
+    """``q [N, H, L, D]``, ``k/v [N, H, S, *]`` -> ``(o, lse [N, H, L] fp32)``; causal aligns the last rows.
+
+    ``mask [L, S]`` (instead of ``causal``): additive (0 / -inf) for the fused kernel, boolean (True: attend) otherwise.
+    """
     if fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                          scale=scale)
+    s = torch.matmul(_wide(q), _wide(k).transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v.float()), lse
+    return torch.matmul(torch.exp(s - lse[..., None]), _wide(v)), lse
 
 
 def _attend_backward(do, q, k, v, o, lse, causal: bool, scale: float, fused: bool):
@@ -65,10 +76,10 @@ def _attend_backward(do, q, k, v, o, lse, causal: bool, scale: float, fused: boo
 
 
 def _merge(o1, l1, o2, l2):
-    """Outputs of two parts of one softmax -> ``(o, lse)`` (fp32 arithmetic)."""
+    """Outputs of two parts of one softmax -> ``(o, lse)`` (fp32 arithmetic, fp64 for fp64 parts)."""
     lse = torch.logaddexp(l1, l2)
-    o = o1.float() * torch.exp(l1 - lse)[..., None]
-    return o.addcmul_(o2.float(), torch.exp(l2 - lse)[..., None]), lse
+    o = _wide(o1) * torch.exp(l1 - lse)[..., None]
+    return o.addcmul_(_wide(o2), torch.exp(l2 - lse)[..., None]), lse
 
 
 class _Geometry:
