@@ -107,8 +107,8 @@ class _Geometry:
     def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A scratch tensor of ``shape`` reused by every chunk (one per ``name``; grown when a chunk needs more).
 
-        Gathered tiles are the largest per-chunk temporaries; allocating them afresh for each chunk costs page
-        faults on every first touch (glibc returns large blocks to the OS), which took more time than the gathers.
+        Gathered tiles are the largest per-chunk temporaries; allocated afresh for each chunk they cost page faults
+        on first touch (glibc returns large blocks to the OS): about 1% of a 32K forward+backward on CPU.
         """
         numel = math.prod(shape)
         buf = self._workspace.get(name)
