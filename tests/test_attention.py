@@ -105,6 +105,42 @@ def test_torch_path_matches_reference(B, Hq, Hkv, T, D, Dv, c, K, m, s, fused, m
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
 
 
+GROUPED = [case for case in CASES if case.values[1] > case.values[2]]  # G = Hq / Hkv > 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "generic"])
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,Dv,c,K,m,s", GROUPED)
+def test_torch_path_gathers_once_per_kv_group(B, Hq, Hkv, T, D, Dv, c, K, m, s, fused, monkeypatch):
+    """``select_per="kv_group"``: the G query heads of a kv head attend as one G*m*c-row tile over regions gathered
+    once; outputs and gradients still match the reference (the generic path too, Dv != D included)."""
+    if not fused:
+        monkeypatch.setattr(torch_path, "_use_cpu_flash", lambda q, v: False)
+    shared = []
+    stack = torch_path._Geometry.stack
+    monkeypatch.setattr(torch_path._Geometry, "stack", lambda self, x: shared.append(self.share) or stack(self, x))
+    q, k, v = _inputs(B, Hq, Hkv, T, D, Dv, seed=3)
+    do = torch.randn(B, Hq, T, Dv, generator=torch.Generator().manual_seed(4))
+    p = dict(region_size=c, top_k=K, merge=m, sink_regions=s, select_per="kv_group")
+    fast = _run(q, k, v, do, backend="torch", **p)
+    ref = _run(q, k, v, do, backend="reference", **p)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+    assert shared and all(shared)  # forward and backward both took the shared path
+
+
+def test_heads_that_select_alike_share_their_gather():
+    """Sharing is decided from ``sel`` itself: query heads with equal selections (here equal queries, per-head rule)
+    share; one differing head turns it off."""
+    q, k, v = _inputs(1, 4, 2, 150, 16, 16, seed=6)
+    q = q[:, ::2].repeat_interleave(2, dim=1)  # the two heads of each kv head are equal
+    p = dict(region_size=4, top_k=6, merge=2, sink_regions=1)
+    sel = select_regions(q, k, **p)
+    assert torch_path.shares_groups(sel, 2)
+    q[:, 1] = torch.randn(150, 16, generator=torch.Generator().manual_seed(7))
+    assert not torch_path.shares_groups(select_regions(q, k, **p), 2)
+    assert not torch_path.shares_groups(sel, 4)  # G = 1: nothing to share
+
+
 def test_torch_path_across_chunk_boundaries(monkeypatch):
     """Tiny chunk budget: every query block is its own chunk (gather/scatter at chunk edges)."""
     monkeypatch.setattr(torch_path, "CHUNK_BUDGET", 1)

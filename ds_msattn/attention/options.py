@@ -206,10 +206,11 @@ class KeyMover:
     positions_sel: torch.Tensor | None = None
     block_offset: int = 0
 
-    def shifts(self, sel: torch.Tensor, b0: int, b1: int, s: int) -> torch.Tensor:
+    def shifts(self, sel: torch.Tensor, b0: int, b1: int, s: int, every: int = 1) -> torch.Tensor:
         """``p' - p`` of the keys of blocks ``b0..b1`` (their first ``s`` selected regions) -> ``[B*Hq, nb, s, c]``,
-        or ``[B*Hq, nb, s, 1]`` where a region's keys move together (``exact``, ``compact``)."""
-        ids = (self.positions_sel if self.positions_sel is not None else sel)[:, :, b0:b1, :s]  # [B, Hq, nb, s]
+        or ``[B*Hq, nb, s, 1]`` where a region's keys move together (``exact``, ``compact``); ``every``: of every
+        ``every``-th query head only (one per kv head where a group shares its regions)."""
+        ids = (self.positions_sel if self.positions_sel is not None else sel)[:, ::every, b0:b1, :s]  # [B, Hq, nb, s]
         blocks = torch.arange(b0, b1, device=sel.device) + self.block_offset
         shift = key_shifts(ids, blocks, region_size=self.region_size, merge=self.merge, options=self.options,
                            per_region=True)

@@ -82,13 +82,32 @@ def _merge(o1, l1, o2, l2):
     return o.addcmul_(_wide(o2), torch.exp(l2 - lse)[..., None]), lse
 
 
-class _Geometry:
-    """Sizes, chunking and index helpers shared by forward and backward."""
+def shares_groups(sel: torch.Tensor, Hkv: int) -> bool:
+    """Whether the ``G = Hq / Hkv`` query heads of every kv head selected the same regions (``select_per="kv_group"``,
+    or a selection that happens to agree): then :class:`_Geometry` gathers once per kv head."""
+    B, Hq = sel.shape[:2]
+    G = Hq // Hkv
+    if G == 1:
+        return False
+    grouped = sel.view(B, Hkv, G, *sel.shape[2:])
+    return bool((grouped == grouped[:, :, :1]).all())
 
-    def __init__(self, q, k, v, sel, region_size, merge, fused):
+
+class _Geometry:
+    """Sizes, chunking and index helpers shared by forward and backward.
+
+    With ``share`` (the query heads of a kv head selected the same regions) the selected part runs per kv head: the
+    regions are gathered once for the ``G`` heads, whose queries are stacked into one ``G*m*c``-row tile
+    (:meth:`stack`). Longer query tiles also run faster in the CPU flash kernel (256-row tiles from 768 rows on,
+    64-row tiles below).
+    """
+
+    def __init__(self, q, k, v, sel, region_size, merge, fused, share=False):
         self.B, self.Hq, self.T, self.D = q.shape
         self.Hkv, self.Dv = k.shape[1], v.shape[-1]
         self.G = self.Hq // self.Hkv
+        self.share = share and self.G > 1
+        self.Gs = self.G if self.share else 1  # query heads per gathering head
         self.c, self.m = region_size, merge
         self.mc = region_size * merge
         self.NB = sel.shape[2]
@@ -127,12 +146,13 @@ class _Geometry:
             b0 = b1
 
     def rows(self, sel: torch.Tensor, b0: int, b1: int, s: int) -> torch.Tensor:
-        """Flat row ids ``[B*Hkv*G*nb*s]`` of the selected regions of blocks b0..b1."""
-        idx = sel[:, :, b0:b1, :s].reshape(self.B, self.Hkv, -1)  # [B, Hkv, G*nb*s]
+        """Flat row ids ``[B*Hkv*G*nb*s]`` (``[B*Hkv*nb*s]`` when shared) of the selected regions of blocks b0..b1."""
+        idx = sel[:, :: self.Gs, b0:b1, :s].reshape(self.B, self.Hkv, -1)  # [B, Hkv, G*nb*s] or [B, Hkv, nb*s]
         return (idx + self.base).reshape(-1)
 
     def gather(self, x: torch.Tensor, rows: torch.Tensor, nb: int, s: int, name: str) -> torch.Tensor:
-        """Selected regions of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, s*c, E]``.
+        """Selected regions of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, s*c, E]`` (each kv head when
+        shared: ``[B*Hkv, nb, s*c, E]``).
 
         The result lives in the workspace ``name``: it is valid until the next gather into the same name.
         """
@@ -140,7 +160,23 @@ class _Geometry:
         flat = x.view(self.B * self.Hkv * self.Rp, self.c * E)
         out = self.buffer(name, (rows.numel(), self.c * E), x.dtype, x.device)
         torch.index_select(flat, 0, rows, out=out)
-        return out.view(self.B * self.Hq, nb, s * self.c, E)
+        return out.view(-1, nb, s * self.c, E)
+
+    def stack(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-query-head rows ``[B*Hq, nb, mc, *E]`` -> per kv head ``[B*Hkv, nb, G*mc, *E]`` when shared (a copy)."""
+        if not self.share:
+            return x
+        nb, rest = x.shape[1], x.shape[3:]
+        x = x.reshape(self.B, self.Hkv, self.G, nb, self.mc, *rest).transpose(2, 3)
+        return x.reshape(self.B * self.Hkv, nb, self.G * self.mc, *rest)
+
+    def unstack(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`stack`."""
+        if not self.share:
+            return x
+        nb, rest = x.shape[1], x.shape[3:]
+        x = x.reshape(self.B, self.Hkv, nb, self.G, self.mc, *rest).transpose(2, 3)
+        return x.reshape(self.B * self.Hq, nb, self.mc, *rest)
 
     def local(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
         """Own-block tokens of ``x [B, Hkv, Tp, E]`` for each query head -> ``[B*Hq, nb, mc, E]``."""
@@ -149,7 +185,7 @@ class _Geometry:
         return part.expand(self.B, self.Hkv, self.G, nb, self.mc, E).reshape(self.B * self.Hq, nb, self.mc, E)
 
     def add_gathered(self, grad_x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add ``g [B*Hq, nb, s*c, E]`` (gradient of :meth:`gather`) into ``grad_x [B, Hkv, Tp, E]``."""
+        """Add ``g [B*Hq or B*Hkv, nb, s*c, E]`` (gradient of :meth:`gather`) into ``grad_x [B, Hkv, Tp, E]``."""
         E = g.shape[-1]
         # index_add_: on CPU (torch 2.13) 1.7-12x faster than index_put_(accumulate=True) for rows of c*E floats
         # (one 32K backward chunk, Hkv 8 and 2: 4.6 vs 8.1 ms, 0.3 vs 5.0 ms).
@@ -179,7 +215,8 @@ class MSAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sel, region_size: int, merge: int, scale: float, mover=None):
         fused = _use_cpu_flash(q, v)
-        geo = _Geometry(q, k, v, sel, region_size, merge, fused)
+        share = shares_groups(sel, k.shape[1])
+        geo = _Geometry(q, k, v, sel, region_size, merge, fused, share)
         qp, kp, vp = (_pad(x, geo.Tp) for x in (q, k, v))
         out = torch.empty(geo.B, geo.Hq, geo.Tp, geo.Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(geo.B, geo.Hq, geo.Tp, dtype=torch.float32, device=q.device)
@@ -190,22 +227,22 @@ class MSAttentionFunction(torch.autograd.Function):
                 rows = geo.rows(sel, b0, b1, s)
                 ks = geo.gather(kp, rows, b1 - b0, s, "k")
                 if mover is not None:  # far_positions: the gathered copies sit at their new positions
-                    ks = mover.move(ks, mover.shifts(sel, b0, b1, s))
-                o_sel, l_sel = _attend(qc, ks, geo.gather(vp, rows, b1 - b0, s, "v"), False, scale, fused)
-                oc, lc = _merge(o_sel, l_sel, oc, lc)
+                    ks = mover.move(ks, mover.shifts(sel, b0, b1, s, every=geo.Gs))
+                o_sel, l_sel = _attend(geo.stack(qc), ks, geo.gather(vp, rows, b1 - b0, s, "v"), False, scale, fused)
+                oc, lc = _merge(geo.unstack(o_sel), geo.unstack(l_sel), oc, lc)
             geo.blocks(out, b0, b1).copy_(oc)  # views of `out` / `lse`: write in place
             lse[:, :, b0 * geo.mc : b1 * geo.mc] = lc.reshape(geo.B, geo.Hq, -1)
         if mover is not None:
             mover.release()
         ctx.save_for_backward(q, k, v, sel, out, lse)
-        ctx.params = (region_size, merge, scale, fused, mover)
+        ctx.params = (region_size, merge, scale, fused, mover, share)
         return out if geo.Tp == geo.T else out[:, :, : geo.T].clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sel, out, lse = ctx.saved_tensors
-        region_size, merge, scale, fused, mover = ctx.params
-        geo = _Geometry(q, k, v, sel, region_size, merge, fused)
+        region_size, merge, scale, fused, mover, share = ctx.params
+        geo = _Geometry(q, k, v, sel, region_size, merge, fused, share)
         qp, kp, vp = (_pad(x, geo.Tp) for x in (q, k, v))
         dop = _pad(grad_out.to(q.dtype), geo.Tp)
         dq = torch.empty(geo.B, geo.Hq, geo.Tp, geo.D, dtype=q.dtype, device=q.device)
@@ -222,9 +259,11 @@ class MSAttentionFunction(torch.autograd.Function):
                 rows = geo.rows(sel, b0, b1, s)
                 ks, vs = geo.gather(kp, rows, b1 - b0, s, "k"), geo.gather(vp, rows, b1 - b0, s, "v")
                 if mover is not None:
-                    shift = mover.shifts(sel, b0, b1, s)
+                    shift = mover.shifts(sel, b0, b1, s, every=geo.Gs)
                     ks = mover.move(ks, shift)
-                dq_sel, dks, dvs = _attend_backward(doc, qc, ks, vs, oc, lc, False, scale, fused)
+                dq_sel, dks, dvs = _attend_backward(*map(geo.stack, (doc, qc)), ks, vs, *map(geo.stack, (oc, lc)),
+                                                    False, scale, fused)
+                dq_sel = geo.unstack(dq_sel)
                 if mover is not None:
                     dks = mover.move_back(dks, shift)
                 dqc = dqc.float() + dq_sel.float()
