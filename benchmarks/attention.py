@@ -11,6 +11,9 @@ about half a minute per forward+backward here).
     python benchmarks/attention.py --profile 32768 --hkv 2   # where the time goes: attention_cpu_profile.txt
     python benchmarks/attention.py --lengths 16384 --hkv 2 --impls sdpa,c16-K64-m16,c16-K64-m16-model
                                         # what the model default options (compact, position_free) cost
+    python benchmarks/attention.py --tiles --repeats 5   # the flash kernel per query head vs per kv group
+    python benchmarks/attention.py --lengths 32768 --hkv 2 --impls sdpa,c16-K64-m16-model,c16-K64-m16-model-kv
+                                        # the same with one selection per kv head (select_per="kv_group")
 
 Results: ``benchmarks/results/attention_cpu.{md,csv,png}``.
 """
@@ -33,10 +36,13 @@ PARAMS = {
     "c16-K64-m16": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
     "c16-K512-m128": dict(region_size=16, top_k=512, merge=128, sink_regions=1),
     "c16-K64-m16-model": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
+    "c16-K64-m16-model-kv": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
 }
 #: impls run with the model default options (``MODEL_OPTIONS``: compact far positions, position-free scores), which
 #: rotate and unrotate with RoPE frequencies (base 1e5, SmolLM2's); the others with ``ms_attention``'s own defaults
-MODEL_DEFAULT = {"c16-K64-m16-model"}
+MODEL_DEFAULT = {"c16-K64-m16-model", "c16-K64-m16-model-kv"}
+#: impls that select once per kv head (``select_per="kv_group"``, the second-best retrieval set-up)
+KV_GROUP = {"c16-K64-m16-model-kv"}
 ROPE_BASE = 1e5
 
 
@@ -50,7 +56,8 @@ def _options(impl: str, T: int, D: int) -> dict:
     from ds_msattn.attention.options import MODEL_OPTIONS
 
     inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-    return dict(MODEL_OPTIONS, rope_inv_freq=inv_freq, position_ids=torch.arange(T)[None])
+    extra = dict(select_per="kv_group") if impl in KV_GROUP else {}
+    return dict(MODEL_OPTIONS, **extra, rope_inv_freq=inv_freq, position_ids=torch.arange(T)[None])
 
 
 def _rss_mb() -> float:
@@ -187,6 +194,53 @@ def profile(T: int, hkv: int, out: Path, impl: str = "c16-K64-m16") -> None:
     print(out.read_text())
 
 
+def tiles(out: Path, repeats: int) -> None:
+    """The CPU flash kernel on the shapes of one 32K layer's attention parts (Hq 8, Hkv 2, D 64, 128 blocks of 256
+    queries, 4 blocks per call): the selected part per query head (256 queries x 768 keys: K - m = 48 regions)
+    against per kv head (the 4 heads of a kv group stacked, 1024 x 768; same FLOPs), and the local causal part (256 x 256). -> ``out`` .md and .json."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    g = torch.Generator().manual_seed(0)
+    per_call = 4  # blocks per call, about what the torch path's chunks hold here (CHUNK_BUDGET)
+    cases = [("selected, per query head", 8, 128, 256, 768, False),
+             ("selected, per kv head (G=4 stacked)", 2, 128, 1024, 768, False),
+             ("local, causal", 8, 128, 256, 256, True)]
+    rows = []
+    for name, n, blocks, L, S, causal in cases:
+        q = torch.randn(n, per_call, L, 64, generator=g)
+        k, v = torch.randn(n, per_call, S, 64, generator=g), torch.randn(n, per_call, S, 64, generator=g)
+        o, lse = flash(q, k, v, 0.0, causal, scale=0.125)
+        do = torch.randn(o.shape, generator=g)
+        fwd, bwd = [], []
+        for _ in range(repeats):
+            t_fwd = t_bwd = 0.0
+            for _ in range(blocks // per_call):  # the same inputs each call: a chunk's tiles stay in cache as in the op
+                t0 = time.perf_counter()
+                flash(q, k, v, 0.0, causal, scale=0.125)
+                t1 = time.perf_counter()
+                flash_bwd(do, q, k, v, o, lse, 0.0, causal, scale=0.125)
+                t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
+            fwd.append(t_fwd)
+            bwd.append(t_bwd)
+        useful = 4 * n * blocks * L * S * 64 / (2 if causal else 1)  # QK^T and PV; the causal half only
+        f, b = statistics.median(fwd), statistics.median(bwd)
+        rows.append(dict(part=name, calls_x_heads=f"{n} x {per_call} x {blocks // per_call} calls", queries=L, keys=S, causal=causal, fwd_s=round(f, 4),
+                         bwd_s=round(b, 4), fwd_gflops=round(useful / f / 1e9), bwd_gflops=round(2.5 * useful / b / 1e9)))
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [f"# PyTorch's CPU flash kernel on the attention parts of one 32K layer ({torch.get_num_threads()} threads, fp32)", "",
+             f"Command: `python benchmarks/attention.py {' '.join(sys.argv[1:])}` (median of {repeats} runs; GFLOP/s of "
+             "useful FLOPs: 4*L*S*D per (block, head), half that when causal, backward counted as 2.5x the forward).",
+             "", "| part | heads x blocks per call x calls | queries | keys | fwd s | bwd s | fwd GFLOP/s | bwd GFLOP/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['part']} | {r['calls_x_heads']} | {r['queries']} | {r['keys']} | {r['fwd_s']} | {r['bwd_s']} | "
+              f"{r['fwd_gflops']} | {r['bwd_gflops']} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
@@ -199,7 +253,13 @@ def main() -> int:
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=int, default=None, metavar="T",
                         help="instead: torch.profiler table of one MS forward+backward at T tokens (first --hkv; the first MS impl of --impls when given)")
+    parser.add_argument("--tiles", action="store_true",
+                        help="instead: the CPU flash kernel on one 32K layer's parts, per query head against per kv "
+                             "group (benchmarks/results/attention_cpu_tiles.md)")
     args = parser.parse_args()
+    if args.tiles:
+        tiles(RESULTS / "attention_cpu_tiles", args.repeats)
+        return 0
     impls = args.impls.split(",")
     unknown = [i for i in impls if i != "sdpa" and i not in PARAMS]
     if unknown or "sdpa" not in impls:
