@@ -71,6 +71,12 @@ ROWS = {
                 "--esa-chunk", "256", "--esa-projections", "runs/esa/smollm2_w512"]),
     "compact_pf_s4": ("MS compact + position_free, 4 sink regions", _ms("compact", "position_free", "head",
                                                                       "--sink-regions", "4")),
+    # smaller query blocks, same 1024 keys per query: each query region (16 tokens) ranks (K - m) / m history regions
+    # of its own (3 at m=16, 7 at m=8, 15 at m=4), so the region holding the question gets more picks
+    "compact_pf_m8": ("MS compact + position_free, m=8 (blocks of 128 tokens)",
+                      _ms("compact", "position_free", "head", "--merge", "8")),
+    "compact_pf_m4": ("MS compact + position_free, m=4 (blocks of 64 tokens)",
+                      _ms("compact", "position_free", "head", "--merge", "4")),
 }
 
 
