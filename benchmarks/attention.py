@@ -14,6 +14,8 @@ about half a minute per forward+backward here).
     python benchmarks/attention.py --tiles --repeats 5   # the flash kernel per query head vs per kv group
     python benchmarks/attention.py --lengths 32768 --hkv 2 --impls sdpa,c16-K64-m16-model,c16-K64-m16-model-kv
                                         # the same with one selection per kv head (select_per="kv_group")
+    python benchmarks/attention.py --lengths 16384,32768 --hkv 2 --impls sdpa,c16-K64-m16-model,c16-K64-m4-model \
+        --out benchmarks/results/attention_cpu_merge   # smaller query blocks (m=4), same 1024 keys per query
 
 Results: ``benchmarks/results/attention_cpu.{md,csv,png}``.
 """
@@ -37,10 +39,11 @@ PARAMS = {
     "c16-K512-m128": dict(region_size=16, top_k=512, merge=128, sink_regions=1),
     "c16-K64-m16-model": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
     "c16-K64-m16-model-kv": dict(region_size=16, top_k=64, merge=16, sink_regions=1),
+    "c16-K64-m4-model": dict(region_size=16, top_k=64, merge=4, sink_regions=1),
 }
 #: impls run with the model default options (``MODEL_OPTIONS``: compact far positions, position-free scores), which
 #: rotate and unrotate with RoPE frequencies (base 1e5, SmolLM2's); the others with ``ms_attention``'s own defaults
-MODEL_DEFAULT = {"c16-K64-m16-model", "c16-K64-m16-model-kv"}
+MODEL_DEFAULT = {"c16-K64-m16-model", "c16-K64-m16-model-kv", "c16-K64-m4-model"}
 #: impls that select once per kv head (``select_per="kv_group"``, the second-best retrieval set-up)
 KV_GROUP = {"c16-K64-m16-model-kv"}
 ROPE_BASE = 1e5
