@@ -32,8 +32,14 @@ MS = ["--attn", "ms_attention", "--region-size", "16", "--top-k", "64", "--merge
 
 
 def _ms(far="exact", score="rope", per="head", *more):
-    """MS rows state every option, so they do not follow the package's default."""
-    return MS + ["--far-positions", far, "--score", score, "--select-per", per, *more]
+    """MS rows state every option, so they do not follow the package's default; a size flag of ``MS`` in ``more``
+    (``--top-k 128``) replaces its value there."""
+    sizes, more = list(MS), list(more)
+    for flag in [f for f in more if f in MS]:
+        i = more.index(flag)
+        sizes[sizes.index(flag) + 1] = more[i + 1]
+        del more[i : i + 2]
+    return sizes + ["--far-positions", far, "--score", score, "--select-per", per, *more]
 
 
 #: name -> (label, eval arguments). "today" is the rule as the README ran it last round (exact positions, rope
