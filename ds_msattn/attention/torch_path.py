@@ -106,7 +106,7 @@ class _Geometry:
         self.B, self.Hq, self.T, self.D = q.shape
         self.Hkv, self.Dv = k.shape[1], v.shape[-1]
         self.G = self.Hq // self.Hkv
-        self.share = share and self.G > 1
+        self.share = share  # from shares_groups: only where G > 1
         self.Gs = self.G if self.share else 1  # query heads per gathering head
         self.c, self.m = region_size, merge
         self.mc = region_size * merge
